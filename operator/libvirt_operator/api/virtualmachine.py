@@ -8,11 +8,11 @@ from pydantic import Field
 
 from libvirt_operator.api.base import (
     CONDITIONS_LIST,
+    NAMED_LIST,
+    NESTED_DEFAULT,
     ApiModel,
     Condition,
     DnsLabel,
-    NAMED_LIST,
-    NESTED_DEFAULT,
     HostPath,
     Quantity,
     RequestId,

@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from libvirt_operator.api.base import CONDITIONS_LIST, ApiModel, Condition, DnsLabel, HostPath, cel, validations
+from libvirt_operator.api.base import (
+    CONDITIONS_LIST,
+    ApiModel,
+    Condition,
+    DnsLabel,
+    HostPath,
+    cel,
+    validations,
+)
 
 
 class DiskMove(ApiModel):

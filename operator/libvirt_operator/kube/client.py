@@ -1,0 +1,29 @@
+"""One configured ApiClient per process: in-cluster, else KUBECONFIG."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from kubernetes import client, config
+
+
+@functools.cache
+def api_client() -> client.ApiClient:
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def custom_objects() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def coordination() -> client.CoordinationV1Api:
+    return client.CoordinationV1Api(api_client())

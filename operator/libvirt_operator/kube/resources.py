@@ -1,0 +1,69 @@
+"""Our custom resources over the API: get, patch, and server-side apply of status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from libvirt_operator.api import meta
+from libvirt_operator.kube.client import api_client, custom_objects
+
+VMS = "virtualmachines"
+SNAPSHOTS = "vmsnapshots"
+MIGRATIONS = "vmmigrations"
+QOS_POLICIES = "vmqospolicies"
+KIND_OF = {VMS: "VirtualMachine", SNAPSHOTS: "VMSnapshot", MIGRATIONS: "VMMigration", QOS_POLICIES: "VMQosPolicy"}
+
+
+def get(plural: str, namespace: str, name: str) -> dict | None:
+    try:
+        return custom_objects().get_namespaced_custom_object(meta.GROUP, meta.VERSION, namespace, plural, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def list_all(plural: str, label_selector: str | None = None) -> list[dict]:
+    kwargs = {"label_selector": label_selector} if label_selector else {}
+    res = custom_objects().list_cluster_custom_object(meta.GROUP, meta.VERSION, plural, **kwargs)
+    return res.get("items", [])
+
+
+def merge_patch(plural: str, namespace: str, name: str, patch: dict) -> dict:
+    return custom_objects().patch_namespaced_custom_object(
+        meta.GROUP, meta.VERSION, namespace, plural, name, patch
+    )
+
+
+def json_patch(plural: str, namespace: str, name: str, ops: list[dict]) -> dict:
+    """RFC 6902 patch; a failing `test` op raises ApiException 422 (used for compare-and-swap)."""
+    return _call("PATCH", _path(plural, namespace, name), ops, "application/json-patch+json")
+
+
+def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str) -> dict:
+    """Server-side apply of the status fields this manager owns (others' fields stay)."""
+    body = {"apiVersion": meta.API_VERSION, "kind": KIND_OF[plural],
+            "metadata": {"name": name, "namespace": namespace}, "status": status}
+    return _call("PATCH", _path(plural, namespace, name) + "/status", body,
+                 "application/apply-patch+yaml", {"fieldManager": manager, "force": "true"})
+
+
+def _path(plural: str, namespace: str, name: str) -> str:
+    return f"/apis/{meta.GROUP}/{meta.VERSION}/namespaces/{namespace}/{plural}/{name}"
+
+
+def _call(method: str, path: str, body: Any, content_type: str, query: dict | None = None) -> dict:
+    client = api_client()
+    resp = client.call_api(
+        path, method,
+        query_params=list((query or {}).items()),
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=json.dumps(body) if content_type == "application/apply-patch+yaml" else body,
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _return_http_data_only=True,
+    )
+    return json.loads(resp.data)
