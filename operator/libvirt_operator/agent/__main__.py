@@ -1,0 +1,3 @@
+from libvirt_operator.agent.main import main
+
+main()

@@ -1,0 +1,40 @@
+"""Agent settings, from the environment (the DaemonSet sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from libvirt_operator.api import meta
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    libvirt_uri: str = "qemu:///system"
+    namespace: str = meta.DEFAULT_NAMESPACE
+    storage_roots: tuple[Path, ...] = (Path("/var/lib/libvirt/images"),)
+    console_log_dir: Path = Path("/var/log/libvirt/qemu")
+    resync_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    workers: int = 8
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
+        env = dict(os.environ if env is None else env)
+        node = env.get("NODE_NAME")
+        if not node:
+            raise SystemExit("NODE_NAME must be set (the DaemonSet passes it through the downward API)")
+        kwargs: dict = {"node_name": node}
+        if "LIBVIRT_URI" in env:
+            kwargs["libvirt_uri"] = env["LIBVIRT_URI"]
+        if "LVO_NAMESPACE" in env:
+            kwargs["namespace"] = env["LVO_NAMESPACE"]
+        if env.get("LVO_STORAGE_ROOTS"):
+            kwargs["storage_roots"] = tuple(Path(p) for p in env["LVO_STORAGE_ROOTS"].split(":") if p)
+        if env.get("LVO_CONSOLE_LOG_DIR"):
+            kwargs["console_log_dir"] = Path(env["LVO_CONSOLE_LOG_DIR"])
+        if env.get("LVO_RESYNC_SECONDS"):
+            kwargs["resync_seconds"] = float(env["LVO_RESYNC_SECONDS"])
+        return cls(**kwargs)

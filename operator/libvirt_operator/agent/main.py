@@ -1,0 +1,120 @@
+"""Agent entry point: kopf watches this node's VMs server-side; a work queue reconciles them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import kopf
+
+from libvirt_operator.agent import heartbeat, recovery
+from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.reconcile import Reconciler
+from libvirt_operator.agent.store import VMStore, key_of
+from libvirt_operator.agent.workqueue import WorkQueue
+from libvirt_operator.api import meta
+from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
+from libvirt_operator.hypervisor.host import Host
+
+log = logging.getLogger("libvirt_operator.agent")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.store = VMStore()
+        self.host = Host(cfg.libvirt_uri)
+        self.reconciler = Reconciler(cfg, self.host, self.store)
+        self.queue = WorkQueue(self.reconciler, workers=cfg.workers)
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="blocking"))
+        self.host.subscribe(self._on_libvirt_event)
+        await self.host.connect()
+        self.reconciler.has_kvm = (await self.host.info()).has_kvm
+        self.queue.start()
+        self._tasks = [
+            asyncio.create_task(heartbeat.run(self.cfg.namespace, self.cfg.node_name,
+                                              self.cfg.heartbeat_seconds, lambda: self.host.connected)),
+            asyncio.create_task(self._resync()),
+            asyncio.create_task(self._recover()),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.stop()
+        await self.host.close()
+
+    def on_vm_event(self, event: dict) -> None:
+        obj = event["object"]
+        if event.get("type") == "DELETED":
+            self.store.remove(obj)  # gone from this node's view: the domain is left alone
+            return
+        self.store.put(obj)
+        self.queue.add(key_of(obj))
+
+    def _on_libvirt_event(self, event) -> None:
+        if isinstance(event, ConnectionEvent):
+            if event.state == "restored":
+                self._enqueue_all()
+            return
+        if isinstance(event, DomainEvent):
+            key = self.store.key_for_uid(event.uuid)
+            if key is not None:
+                self.queue.add(key)
+
+    def _enqueue_all(self) -> None:
+        for key in self.store.all_keys():
+            self.queue.add(key)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync_seconds)
+            self._enqueue_all()
+
+    async def _recover(self) -> None:
+        await asyncio.sleep(3)  # let the initial listing fill the store first
+        orphans = await recovery.rediscover(self.host, self.store, self.queue.add)
+        if orphans:
+            log.warning("orphaned domains on %s: %s", self.cfg.node_name, ", ".join(orphans))
+
+
+def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
+    agent = Agent(cfg)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_):
+        # Only this node's VMs ever reach this process (server-side label selector).
+        settings.watching.label_selectors[meta.GROUP, "virtualmachines"] = f"{meta.NODE_LABEL}={cfg.node_name}"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=meta.AGENT_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=meta.AGENT_PREFIX, key="last-handled-configuration")
+        settings.persistence.finalizer = f"{meta.AGENT_PREFIX}/kopf"
+        settings.peering.standalone = True
+        settings.posting.level = logging.WARNING
+        await agent.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_):
+        await agent.stop()
+
+    @kopf.on.event(meta.GROUP, meta.VERSION, "virtualmachines", registry=registry)
+    def vm_event(event, **_):
+        agent.on_vm_event(event)
+
+    return agent
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = AgentConfig.from_env()
+    registry = kopf.OperatorRegistry()
+    register(cfg, registry)
+    log.info("agent for node %s on %s, storage roots %s", cfg.node_name, cfg.libvirt_uri,
+             ":".join(map(str, cfg.storage_roots)))
+    kopf.run(registry=registry, clusterwide=True, standalone=True)

@@ -1,0 +1,127 @@
+"""Decide, from desired and observed state, the one power action to take now (pure logic)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+UP_PHASES = {"Running", "Paused", "Starting"}
+ACTIVE_STATES = {"running", "paused", "blocked", "pmsuspended", "shutdown"}
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    START = "start"
+    START_PAUSED = "start-paused"
+    RESUME = "resume"
+    SUSPEND = "suspend"
+    SHUTDOWN = "shutdown"
+    DESTROY = "destroy"
+
+
+@dataclass(frozen=True)
+class Observed:
+    state: str  # running, paused, shutoff, shutdown, crashed, ...
+    reason: str  # libvirt's state reason, e.g. shutdown, destroyed, user
+
+
+@dataclass(frozen=True)
+class Desired:
+    power_state: str  # Running, Stopped, Paused
+    restart_policy: str  # Always, OnFailure, Never
+    shutdown_mode: str  # acpi, agent, force
+    shutdown_timeout: float
+    force_after_timeout: bool
+    generation: int
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class History:
+    """What the agent reported last time (from status): survives agent restarts."""
+
+    phase: str | None = None
+    halted_generation: int | None = None
+    shutdown_elapsed: float | None = None  # seconds since a graceful shutdown was requested
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    phase: str
+    converged: bool
+    reason: str  # CamelCase, for the Ready condition
+    message: str = ""
+    halt: bool = False  # record haltedGeneration = generation
+    timed_out: bool = False  # a graceful shutdown exceeded its timeout
+    requeue: float | None = None
+
+
+def decide(want: Desired, seen: Observed, past: History) -> Decision:
+    power = "Stopped" if want.deleting else want.power_state
+    if power == "Stopped":
+        return _stop(want, seen, past)
+    if seen.state in ("shutoff", "crashed", "nostate"):
+        return _start(want, seen, past, paused=power == "Paused")
+    if seen.state == "shutdown":
+        return Decision(Action.NONE, "Stopping", False, "GuestShuttingDown", "the guest is shutting down", requeue=2)
+    if power == "Paused":
+        if seen.state == "paused":
+            return Decision(Action.NONE, "Paused", True, "Paused")
+        return Decision(Action.SUSPEND, "Paused", True, "Paused")
+    if seen.state == "paused":
+        if seen.reason in ("user", "unknown"):
+            return Decision(Action.RESUME, "Running", True, "Running")
+        return Decision(Action.NONE, "Paused", False, "PausedByHypervisor",
+                        f"libvirt paused the domain (reason: {seen.reason})", requeue=5)
+    return Decision(Action.NONE, "Running", True, "Running")
+
+
+def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decision:
+    start = Action.START_PAUSED if paused else Action.START
+    target = "Paused" if paused else "Running"
+    if past.halted_generation == want.generation:
+        return Decision(Action.NONE, "Stopped", False, _halt_reason(seen),
+                        f"the VM stopped on its own ({seen.state}/{seen.reason}); restartPolicy "
+                        f"{want.restart_policy} keeps it stopped until the spec changes")
+    was_up = past.phase in UP_PHASES
+    if not was_up:
+        return Decision(start, target, True, target)
+    guest_shutdown = seen.reason == "shutdown" and seen.state != "crashed"
+    restart = want.restart_policy == "Always" or (want.restart_policy == "OnFailure" and not guest_shutdown)
+    if restart:
+        return Decision(start, target, True, target,
+                        f"restarted after it stopped on its own ({seen.state}/{seen.reason})")
+    return Decision(Action.NONE, "Stopped", False, _halt_reason(seen),
+                    f"the VM stopped on its own ({seen.state}/{seen.reason}); restartPolicy "
+                    f"{want.restart_policy} keeps it stopped until the spec changes", halt=True)
+
+
+def _halt_reason(seen: Observed) -> str:
+    if seen.state == "crashed" or seen.reason == "crashed":
+        return "GuestCrashed"
+    return {"shutdown": "GuestShutdown", "destroyed": "DestroyedOutsideOperator"}.get(seen.reason, "DomainStopped")
+
+
+def _stop(want: Desired, seen: Observed, past: History) -> Decision:
+    if seen.state not in ACTIVE_STATES:
+        return Decision(Action.NONE, "Terminating" if want.deleting else "Stopped", True, "Stopped")
+    phase = "Terminating" if want.deleting else "Stopping"
+    if want.shutdown_mode == "force":
+        return Decision(Action.DESTROY, phase, False, "PoweringOff")
+    if past.shutdown_elapsed is None:
+        if seen.state == "shutdown":
+            return Decision(Action.NONE, phase, False, "GuestShuttingDown", requeue=2)
+        return Decision(Action.SHUTDOWN, phase, False, "ShuttingDown",
+                        f"{want.shutdown_mode} shutdown requested", requeue=min(want.shutdown_timeout, 5))
+    remaining = want.shutdown_timeout - past.shutdown_elapsed
+    if remaining > 0:
+        return Decision(Action.NONE, phase, False, "ShuttingDown",
+                        f"waiting for the guest to power off ({int(remaining)}s left)", requeue=min(remaining, 5))
+    if want.force_after_timeout or want.deleting:
+        return Decision(Action.DESTROY, phase, False, "PoweringOff",
+                        f"the guest did not power off within {int(want.shutdown_timeout)}s; forcing power-off")
+    return Decision(Action.NONE, phase, False, "ShutdownTimeout",
+                    f"the guest did not power off within {int(want.shutdown_timeout)}s of the "
+                    f"{want.shutdown_mode} request; set powerState again with mode force, or "
+                    "shutdown.forceAfterTimeout", timed_out=True)

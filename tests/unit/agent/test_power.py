@@ -1,0 +1,83 @@
+"""The power decision table: desired x observed x history -> one action."""
+
+import pytest
+
+from libvirt_operator.agent.power import Action, Desired, History, Observed, decide
+
+
+def want(power="Running", policy="OnFailure", mode="acpi", timeout=60.0, force=False, gen=1, deleting=False):
+    return Desired(power, policy, mode, timeout, force, gen, deleting)
+
+
+RUNNING = Observed("running", "booted")
+
+
+def test_new_vm_is_started():
+    d = decide(want(), Observed("shutoff", "unknown"), History(phase="Scheduled"))
+    assert d.action is Action.START and d.phase == "Running"
+
+
+def test_running_vm_that_should_run_is_left_alone():
+    d = decide(want(), RUNNING, History(phase="Running"))
+    assert d.action is Action.NONE and d.converged
+
+
+@pytest.mark.parametrize(("policy", "reason", "restarts"), [
+    ("OnFailure", "shutdown", False), ("OnFailure", "destroyed", True), ("OnFailure", "crashed", True),
+    ("Always", "shutdown", True), ("Never", "destroyed", False), ("Never", "shutdown", False),
+])
+def test_unexpected_stop_follows_restart_policy(policy, reason, restarts):
+    d = decide(want(policy=policy), Observed("shutoff", reason), History(phase="Running"))
+    assert (d.action is Action.START) is restarts
+    assert d.halt is (not restarts)
+    if not restarts:
+        assert d.phase == "Stopped" and not d.converged
+
+
+def test_halted_vm_stays_stopped_until_the_spec_changes():
+    halted = History(phase="Stopped", halted_generation=3)
+    assert decide(want(gen=3), Observed("shutoff", "shutdown"), halted).action is Action.NONE
+    assert decide(want(gen=4), Observed("shutoff", "shutdown"), halted).action is Action.START
+
+
+def test_vm_stopped_on_request_starts_again_when_asked():
+    d = decide(want(gen=5), Observed("shutoff", "shutdown"), History(phase="Stopped"))
+    assert d.action is Action.START
+
+
+def test_graceful_stop_then_wait_then_timeout():
+    first = decide(want("Stopped"), RUNNING, History(phase="Running"))
+    assert first.action is Action.SHUTDOWN and first.phase == "Stopping"
+    waiting = decide(want("Stopped", timeout=60), RUNNING, History(phase="Stopping", shutdown_elapsed=10))
+    assert waiting.action is Action.NONE and 0 < waiting.requeue <= 5
+    late = decide(want("Stopped", timeout=60), RUNNING, History(phase="Stopping", shutdown_elapsed=61))
+    assert late.action is Action.NONE and late.timed_out and late.reason == "ShutdownTimeout"
+    forced = decide(want("Stopped", timeout=60, force=True), RUNNING, History(shutdown_elapsed=61))
+    assert forced.action is Action.DESTROY
+
+
+def test_force_mode_powers_off_at_once():
+    assert decide(want("Stopped", mode="force"), RUNNING, History()).action is Action.DESTROY
+
+
+def test_deletion_stops_gracefully_then_forces():
+    d = decide(want(deleting=True), RUNNING, History(phase="Running"))
+    assert d.action is Action.SHUTDOWN and d.phase == "Terminating"
+    late = decide(want(deleting=True, timeout=5), RUNNING, History(shutdown_elapsed=6))
+    assert late.action is Action.DESTROY
+
+
+def test_pause_and_resume():
+    assert decide(want("Paused"), RUNNING, History(phase="Running")).action is Action.SUSPEND
+    assert decide(want("Running"), Observed("paused", "user"), History(phase="Paused")).action is Action.RESUME
+    assert decide(want("Paused"), Observed("shutoff", "unknown"), History()).action is Action.START_PAUSED
+
+
+def test_hypervisor_pause_is_reported_not_overridden():
+    d = decide(want(), Observed("paused", "ioerror"), History(phase="Running"))
+    assert d.action is Action.NONE and not d.converged and d.reason == "PausedByHypervisor"
+
+
+def test_stopped_vm_that_should_stop_is_converged():
+    d = decide(want("Stopped"), Observed("shutoff", "shutdown"), History(phase="Stopping", shutdown_elapsed=3))
+    assert d.action is Action.NONE and d.converged and d.phase == "Stopped"
