@@ -1,0 +1,191 @@
+"""`python -m localenv up|down|status|kubeconfig|env`: the local test world from a shell.
+
+`up` runs STEPS in order and `down` in reverse order. A step's module is imported
+inside its functions, so a step can be listed before every part of it exists.
+Processes keep running after `up` exits; their state lives in the world dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from localenv import procs
+from localenv.controlplane import REPO_DIR, ControlPlane, build_binaries
+
+DEFAULT_WORLD = REPO_DIR / ".work" / "world"
+
+
+@dataclass
+class World:
+    """What the steps share while one command runs."""
+
+    dir: Path
+    bin_dir: Path | None = None  # set by the "binaries" step
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    up: Callable[[World], str]  # returns a one-line summary
+    down: Callable[[World], str] | None = None
+    status: Callable[[World], tuple[bool, str]] | None = None  # (healthy, summary)
+
+
+# --- step: binaries -----------------------------------------------------------------------------
+
+
+def binaries_up(world: World) -> str:
+    world.bin_dir = build_binaries()
+    return str(world.bin_dir)
+
+
+# --- step: control plane ------------------------------------------------------------------------
+
+
+def _recorded_control_plane(world: World) -> ControlPlane | None:
+    try:
+        return ControlPlane.load(world.dir)
+    except FileNotFoundError:
+        return None
+
+
+def control_plane_up(world: World) -> str:
+    cp = _recorded_control_plane(world)
+    if cp is not None and cp.healthy():
+        return f"already running at {cp.server}"
+    if cp is not None:
+        cp.stop()  # leftovers of a crashed or partial start
+    cp = ControlPlane(world.dir, world.bin_dir).start()
+    return f"{cp.server} (ready in {cp.startup_seconds}s)"
+
+
+def control_plane_down(world: World) -> str:
+    cp = _recorded_control_plane(world)
+    if cp is None:
+        return "was never started"
+    cp.stop()
+    return "stopped"
+
+
+def control_plane_status(world: World) -> tuple[bool, str]:
+    cp = _recorded_control_plane(world)
+    if cp is None:
+        return False, "not started"
+    processes = ", ".join(f"{n}={'up' if ok else 'DOWN'}" for n, ok in cp.status().items())
+    healthy = cp.healthy()
+    return healthy, f"{cp.server} {'ready' if healthy else 'NOT READY'} ({processes or 'no processes'})"
+
+
+STEPS: list[Step] = [
+    Step("binaries", up=binaries_up),
+    Step("control-plane", up=control_plane_up, down=control_plane_down, status=control_plane_status),
+    # Hook points, in this order (each step imports its module inside its functions):
+    #   "guest-image":   localenv.guest.ensure_guest_image()
+    #   "libvirt-nodes": localenv.nodes.start_nodes(world.dir, names), then
+    #                    localenv.kubenodes.register_node(...) for each; down: LibvirtNode.load(...).stop()
+    #   "operator":      the controller and one agent per node, started with procs.start_detached
+]
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_up(world: World, args: argparse.Namespace) -> int:
+    for step in STEPS:
+        began = time.monotonic()
+        print(f"[{step.name}] ...", flush=True)
+        summary = step.up(world)
+        print(f"[{step.name}] {summary} ({time.monotonic() - began:.1f}s)", flush=True)
+    world_opt = "" if world.dir == DEFAULT_WORLD.resolve() else f" --world {world.dir}"
+    print(f"\nThe world in {world.dir} is up. To use it:\n{env_lines(world)}")
+    print(f'or: eval "$(python -m localenv env{world_opt})"')
+    return 0
+
+
+def cmd_down(world: World, args: argparse.Namespace) -> int:
+    for step in reversed(STEPS):
+        if step.down is not None:
+            print(f"[{step.name}] {step.down(world)}", flush=True)
+    if args.purge:
+        shutil.rmtree(world.dir, ignore_errors=True)
+        print(f"removed {world.dir}")
+    return 0
+
+
+def cmd_status(world: World, args: argparse.Namespace) -> int:
+    all_ok = True
+    for step in STEPS:
+        if step.status is not None:
+            ok, summary = step.status(world)
+            all_ok &= ok
+            print(f"[{step.name}] {summary}")
+    return 0 if all_ok else 1
+
+
+def cmd_kubeconfig(world: World, args: argparse.Namespace) -> int:
+    path = ControlPlane(world.dir).kubeconfig
+    if not path.exists():
+        print(f"no kubeconfig yet: run `python -m localenv up` (world {world.dir})", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_env(world: World, args: argparse.Namespace) -> int:
+    cp = _recorded_control_plane(world)
+    if cp is None:
+        print(f"world {world.dir} was never started: run `python -m localenv up`", file=sys.stderr)
+        return 1
+    world.bin_dir = cp.bin_dir
+    print(env_lines(world))
+    return 0
+
+
+def env_lines(world: World) -> str:
+    bin_dir = world.bin_dir or ControlPlane.load(world.dir).bin_dir
+    return f"export KUBECONFIG={ControlPlane(world.dir).kubeconfig}\nexport PATH={bin_dir}:$PATH"
+
+
+COMMANDS = {
+    "up": (cmd_up, "build/verify the binaries and start the world"),
+    "down": (cmd_down, "stop every process of the world"),
+    "status": (cmd_status, "show what runs (exit 1 unless everything is healthy)"),
+    "kubeconfig": (cmd_kubeconfig, "print the admin kubeconfig path"),
+    "env": (cmd_env, "print export lines for KUBECONFIG and PATH (kubectl, helm)"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    world_opt = argparse.ArgumentParser(add_help=False)
+    world_opt.add_argument(
+        "--world",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"world directory (default: $LVO_WORLD or {DEFAULT_WORLD})",
+    )
+    parser = argparse.ArgumentParser(prog="python -m localenv", parents=[world_opt], description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, parents=[world_opt], help=help_text)
+        if name == "down":
+            cmd.add_argument("--purge", action="store_true", help="also delete the world directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_dir = getattr(args, "world", None) or Path(os.environ.get("LVO_WORLD") or DEFAULT_WORLD)
+    world = World(dir=world_dir.resolve())
+    try:
+        return COMMANDS[args.command][0](world, args)
+    except (procs.StartupError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
