@@ -1,0 +1,84 @@
+"""Run the operator's controller and one agent per libvirt node as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localenv import procs
+
+NAMESPACE = "libvirt-operator-system"
+
+
+@dataclass
+class OperatorProcesses:
+    world_dir: Path
+    processes: dict[str, procs.ProcessRef] = field(default_factory=dict)
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.world_dir / "operator"
+
+    def start_controller(self, kubeconfig: Path, namespace: str = NAMESPACE) -> procs.ProcessRef:
+        env = {"KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace}
+        return self._start("controller", [sys.executable, "-m", "libvirt_operator.controller"], env)
+
+    def start_agent(self, node_name: str, libvirt_uri: str, kubeconfig: Path, storage_roots: list[Path],
+                    console_dir: Path, namespace: str = NAMESPACE) -> procs.ProcessRef:
+        console_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            "KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace, "NODE_NAME": node_name,
+            "LIBVIRT_URI": libvirt_uri, "LVO_STORAGE_ROOTS": ":".join(map(str, storage_roots)),
+            "LVO_CONSOLE_LOG_DIR": str(console_dir),
+        }
+        return self._start(f"agent-{node_name}", [sys.executable, "-m", "libvirt_operator.agent"], env)
+
+    def restart(self, name: str) -> procs.ProcessRef:
+        """Start a stopped or killed component again with the environment it had."""
+        ref = self.processes[name]
+        if ref.running():
+            procs.stop(ref)
+        argv = [sys.executable, "-m", "libvirt_operator.controller" if name == "controller"
+                else "libvirt_operator.agent"]
+        return self._start(name, argv, self.envs[name])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would."""
+        ref = self.processes[name]
+        os.kill(ref.pid, 9)
+        procs.wait_until(lambda: not ref.running(), f"{name} to die", 10)
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> procs.ProcessRef:
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        ref = procs.start_detached(name, argv, self.dir / f"{name}.log", env=full_env)
+        time.sleep(0.3)
+        if not ref.running():
+            raise procs.StartupError(f"{name} exited at once:\n{ref.log_tail()}")
+        self.processes[name], self.envs[name] = ref, env
+        self._save()
+        return ref
+
+    def _save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        procs.write_json(self.dir / "state.json", {
+            "processes": {n: r.to_dict() for n, r in self.processes.items()}, "envs": self.envs})
+
+    @classmethod
+    def load(cls, world_dir: Path) -> OperatorProcesses:
+        ops = cls(Path(world_dir))
+        state_file = ops.dir / "state.json"
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            ops.processes = {n: procs.ProcessRef.from_dict(r) for n, r in state["processes"].items()}
+            ops.envs = state.get("envs", {})
+        return ops
+
+    def stop(self) -> None:
+        for ref in self.processes.values():
+            procs.stop(ref)
+        self._save()

@@ -1,0 +1,19 @@
+import itertools
+
+import pytest
+
+from tests.e2e.vmtools import VMs
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def vms(cluster) -> VMs:
+    return VMs(cluster)
+
+
+@pytest.fixture
+def vm_name(request) -> str:
+    """A unique, DNS-safe VM name per test."""
+    base = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-")[:40].strip("-")
+    return f"{base}-{next(_names)}"

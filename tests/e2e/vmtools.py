@@ -1,0 +1,110 @@
+"""Helpers for end-to-end tests: VirtualMachine objects through the real API server."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import libvirt
+from kubernetes import client
+
+from libvirt_operator.api import meta
+from localenv.cluster import Cluster
+
+NS = "default"
+
+
+def manifest(cluster: Cluster, name: str, **spec) -> dict:
+    img = cluster.image
+    base = {
+        "domainType": "qemu",
+        "memory": {"size": "192Mi"},
+        "boot": {"kernel": {"kernel": str(img.kernel), "initrd": str(img.initrd), "cmdline": img.cmdline}},
+        "shutdown": {"mode": "acpi", "timeoutSeconds": 60},
+    }
+    base.update(spec)
+    return {"apiVersion": meta.API_VERSION, "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": NS}, "spec": base}
+
+
+class VMs:
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.api = client.CustomObjectsApi(cluster.control_plane.api_client())
+
+    def create(self, body: dict) -> dict:
+        return self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines",
+                                                        copy.deepcopy(body))
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return self.api.get_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines", name)
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_spec(self, name: str, spec: dict) -> dict:
+        return self.api.patch_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines", name,
+                                                       {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.api.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines", name)
+
+    def wait(self, name: str, check: Callable[[dict], bool], what: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        vm = None
+        while time.monotonic() < deadline:
+            vm = self.get(name)
+            if vm is not None and check(vm):
+                return vm
+            time.sleep(0.2)
+        raise AssertionError(f"{name}: timed out waiting for {what}; last seen:\n{_brief(vm)}")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict:
+        return self.wait(name, lambda vm: phase_of(vm) == phase, f"phase {phase}", timeout)
+
+    def wait_gone(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.get(name) is None:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{name} still exists: {_brief(self.get(name))}")
+
+    def domain(self, vm: dict) -> libvirt.virDomain | None:
+        node = self.cluster.node(vm["status"]["nodeName"])
+        conn = libvirt.open(node.uri)
+        try:
+            return conn.lookupByUUIDString(vm["metadata"]["uid"])
+        except libvirt.libvirtError:
+            return None
+
+    def console(self, vm: dict) -> str:
+        path = self.cluster.storage_dir / "console" / f"{NS}_{vm['metadata']['name']}.console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def boots(self, vm: dict) -> int:
+        return self.console(vm).count(self.cluster.image.ready_marker)
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        core = client.CoreV1Api(self.cluster.control_plane.api_client())
+        return core.list_namespaced_event(NS, field_selector=f"involvedObject.name={name}").items
+
+
+def phase_of(vm: dict) -> str | None:
+    return (vm.get("status") or {}).get("phase")
+
+
+def condition(vm: dict, type_: str) -> dict:
+    for c in (vm.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+def _brief(vm: dict | None) -> str:
+    if vm is None:
+        return "(absent)"
+    return str({"labels": vm["metadata"].get("labels"), "status": vm.get("status")})
