@@ -171,7 +171,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=argparse.SUPPRESS,
         help=f"world directory (default: $LVO_WORLD or {DEFAULT_WORLD})",
     )
-    parser = argparse.ArgumentParser(prog="python -m localenv", parents=[world_opt], description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m localenv",
+        parents=[world_opt],
+        description="The local test world: real control plane (and later libvirt nodes and the operator).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, parents=[world_opt], help=help_text)
