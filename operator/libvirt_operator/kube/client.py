@@ -13,7 +13,8 @@ def api_client() -> client.ApiClient:
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         config.load_incluster_config()
     else:
-        config.load_kube_config()
+        # Read KUBECONFIG now: the client library's default was fixed when it was imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return client.ApiClient()
 
 

@@ -43,12 +43,17 @@ def json_patch(plural: str, namespace: str, name: str, ops: list[dict]) -> dict:
     return _call("PATCH", _path(plural, namespace, name), ops, "application/json-patch+json")
 
 
-def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str) -> dict:
-    """Server-side apply of the status fields this manager owns (others' fields stay)."""
+def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str,
+                 force: bool = True) -> dict:
+    """Server-side apply of the status fields this manager owns (others' fields stay).
+
+    With force=False a field that another manager set to a different value is not taken
+    over: the apply fails with ApiException 409 (Conflict) instead.
+    """
     body = {"apiVersion": meta.API_VERSION, "kind": KIND_OF[plural],
             "metadata": {"name": name, "namespace": namespace}, "status": status}
     return _call("PATCH", _path(plural, namespace, name) + "/status", body,
-                 "application/apply-patch+yaml", {"fieldManager": manager, "force": "true"})
+                 "application/apply-patch+yaml", {"fieldManager": manager, "force": str(force).lower()})
 
 
 def _path(plural: str, namespace: str, name: str) -> str:
@@ -56,14 +61,19 @@ def _path(plural: str, namespace: str, name: str) -> str:
 
 
 def _call(method: str, path: str, body: Any, content_type: str, query: dict | None = None) -> dict:
+    """A raw request (kubernetes client >= 35 API: param_serialize + call_api); non-2xx raises ApiException."""
     client = api_client()
-    resp = client.call_api(
-        path, method,
+    if content_type == "application/apply-patch+yaml":
+        body = json.dumps(body)  # JSON is YAML; the REST layer sends strings as they are
+    request = client.param_serialize(
+        method, path,
         query_params=list((query or {}).items()),
         header_params={"Content-Type": content_type, "Accept": "application/json"},
-        body=json.dumps(body) if content_type == "application/apply-patch+yaml" else body,
+        body=body,
         auth_settings=["BearerToken"],
-        _preload_content=False,
-        _return_http_data_only=True,
     )
+    resp = client.call_api(*request)
+    resp.read()
+    if not 200 <= resp.status <= 299:
+        raise ApiException.from_response(http_resp=resp, body=None, data=None)
     return json.loads(resp.data)
