@@ -61,7 +61,7 @@ def _path(plural: str, namespace: str, name: str) -> str:
 
 
 def _call(method: str, path: str, body: Any, content_type: str, query: dict | None = None) -> dict:
-    """A raw request (kubernetes client >= 35 API: param_serialize + call_api); non-2xx raises ApiException."""
+    """A raw request (param_serialize + call_api, the ApiClient API of kubernetes 37); non-2xx raises ApiException."""
     client = api_client()
     if content_type == "application/apply-patch+yaml":
         body = json.dumps(body)  # JSON is YAML; the REST layer sends strings as they are
