@@ -1,0 +1,3 @@
+from libvirt_operator.controller.main import main
+
+main()

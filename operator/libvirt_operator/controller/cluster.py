@@ -1,0 +1,64 @@
+"""Blocking reads and writes behind placement (run them in threads)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from libvirt_operator.api import meta, quantity
+from libvirt_operator.controller.placement import Node, VMRef, vm_ref
+from libvirt_operator.kube import leases, resources
+from libvirt_operator.kube.client import core
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: list[Node]
+    alive: set[str]
+    vms: list[VMRef]  # every VM of every namespace, placed or not
+
+
+def read(pinned_node: str | None, operator_namespace: str) -> Snapshot:
+    """The nodes a VM could go to (just its pinned node, if any), live agents, and all VMs."""
+    if pinned_node:
+        nodes = [n for n in [_get_node(pinned_node)] if n is not None]
+    else:
+        nodes = [node_of(n) for n in core().list_node(label_selector=f"{meta.LIBVIRT_NODE_LABEL}=true").items]
+    alive = leases.alive_nodes(operator_namespace)
+    return Snapshot(nodes, alive, [vm_ref(vm) for vm in resources.list_all(resources.VMS)])
+
+
+def node_of(node: client.V1Node) -> Node:
+    labels = node.metadata.labels or {}
+    memory = ((node.status and node.status.allocatable) or {}).get("memory", "0")
+    try:
+        allocatable = quantity.to_bytes(memory)
+    except ValueError:
+        log.warning("node %s: unreadable allocatable memory %r, counting 0", node.metadata.name, memory)
+        allocatable = 0
+    return Node(
+        name=node.metadata.name,
+        allocatable_bytes=allocatable,
+        libvirt=labels.get(meta.LIBVIRT_NODE_LABEL) == "true",
+        cordoned=bool(node.spec and node.spec.unschedulable),
+    )
+
+
+def _get_node(name: str) -> Node | None:
+    try:
+        return node_of(core().read_node(name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def label_node(namespace: str, name: str, node: str, resource_version: str) -> dict:
+    """Record the placement; fails with 409 if the VM changed since it was read."""
+    patch = {"metadata": {"labels": {meta.NODE_LABEL: node}, "resourceVersion": resource_version}}
+    return resources.merge_patch(resources.VMS, namespace, name, patch)

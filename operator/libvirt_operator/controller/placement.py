@@ -1,0 +1,184 @@
+"""Where a VirtualMachine runs: pure decisions over a snapshot of nodes, agents and placed VMs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from libvirt_operator.api import meta, quantity
+
+# Condition reasons of `Scheduled` (also the Event reasons' vocabulary).
+SCHEDULED = "Scheduled"
+NODE_NOT_FOUND = "NodeNotFound"
+NO_NODE_AVAILABLE = "NoNodeAvailable"
+INSUFFICIENT_MEMORY = "InsufficientMemory"
+DISK_CONFLICT = "DiskConflict"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    allocatable_bytes: int
+    libvirt: bool = True  # labelled LIBVIRT_NODE_LABEL=true
+    cordoned: bool = False  # spec.unschedulable (kubectl cordon)
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    path: str
+    writable: bool
+
+
+@dataclass(frozen=True)
+class VMRef:
+    """What placement needs to know about one VM (placed or to be placed)."""
+
+    uid: str
+    name: str  # namespace/name, for messages
+    memory_bytes: int
+    disks: tuple[DiskUse, ...] = ()
+    pinned_node: str | None = None  # spec.nodeName
+    node: str | None = None  # the placement label, None while unplaced
+
+
+@dataclass(frozen=True)
+class Decision:
+    node: str | None  # None: cannot be placed now
+    reason: str
+    message: str
+
+
+def vm_ref(vm: Mapping) -> VMRef:
+    md, spec = vm.get("metadata") or {}, vm.get("spec") or {}
+    disks = tuple(
+        DiskUse(d["path"], d.get("device", "disk") == "disk" and not d.get("readOnly", False))
+        for d in spec.get("disks") or [] if d.get("path")
+    )
+    return VMRef(
+        uid=md.get("uid", ""),
+        name=f"{md.get('namespace')}/{md.get('name')}",
+        memory_bytes=quantity.to_bytes((spec.get("memory") or {}).get("size", "0")),
+        disks=disks,
+        pinned_node=spec.get("nodeName") or None,
+        node=(md.get("labels") or {}).get(meta.NODE_LABEL) or None,
+    )
+
+
+def human_bytes(n: int) -> str:
+    """Compact binary units: 2Gi, 1.5Gi, 512Mi."""
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}".rstrip("0").rstrip(".") + unit
+    return str(n)
+
+
+@dataclass
+class Reservations:
+    """VMs this controller labelled but that a later listing may not show as placed yet."""
+
+    by_uid: dict[str, VMRef] = field(default_factory=dict)
+
+    def add(self, vm: VMRef) -> None:
+        self.by_uid[vm.uid] = vm
+
+    def combine(self, listed: Iterable[VMRef]) -> list[VMRef]:
+        """Placed VMs = listed ones with a node + reservations the listing does not confirm yet.
+
+        A reservation is dropped once the listing shows its VM placed, or no longer shows the VM.
+        """
+        listed = list(listed)
+        seen = {vm.uid: vm for vm in listed}
+        for uid in list(self.by_uid):
+            if uid not in seen or seen[uid].node is not None:
+                del self.by_uid[uid]
+        return [vm for vm in listed if vm.node] + list(self.by_uid.values())
+
+
+def used_memory(placed: Iterable[VMRef]) -> dict[str, int]:
+    used: dict[str, int] = {}
+    for vm in placed:
+        if vm.node:
+            used[vm.node] = used.get(vm.node, 0) + vm.memory_bytes
+    return used
+
+
+def disk_conflict(vm: VMRef, node: str, placed: Iterable[VMRef]) -> str | None:
+    """A message if another VM on `node` uses one of vm's disk paths and either side writes to it."""
+    for other in placed:
+        if other.node != node or other.uid == vm.uid:
+            continue
+        for mine in vm.disks:
+            for theirs in other.disks:
+                if mine.path == theirs.path and (mine.writable or theirs.writable):
+                    return f"disk {mine.path} is already used by VM {other.name} on node {node}"
+    return None
+
+
+def decide(vm: VMRef, nodes: Iterable[Node], alive: set[str], placed: Iterable[VMRef]) -> Decision:
+    """Choose a node for an unplaced VM: its pinned node if valid, else the live node with most free memory."""
+    placed = [p for p in placed if p.uid != vm.uid]
+    nodes = list(nodes)
+    if vm.pinned_node:
+        return _check_pinned(vm, {n.name: n for n in nodes}.get(vm.pinned_node), placed)
+    return _choose(vm, nodes, alive, placed)
+
+
+def _check_pinned(vm: VMRef, node: Node | None, placed: list[VMRef]) -> Decision:
+    need = vm.memory_bytes
+    if node is None:
+        return Decision(None, NODE_NOT_FOUND, f"node {vm.pinned_node} (spec.nodeName) does not exist")
+    if node.allocatable_bytes < need:
+        return Decision(None, INSUFFICIENT_MEMORY,
+                        f"node {node.name} has {human_bytes(node.allocatable_bytes)} allocatable memory, "
+                        f"the VM needs {human_bytes(need)}")
+    conflict = disk_conflict(vm, node.name, placed)
+    if conflict:
+        return Decision(None, DISK_CONFLICT, conflict)
+    return Decision(node.name, SCHEDULED, f"placed on node {node.name} (spec.nodeName)")
+
+
+def _choose(vm: VMRef, nodes: list[Node], alive: set[str], placed: list[VMRef]) -> Decision:
+    need = vm.memory_bytes
+    libvirt = [n for n in nodes if n.libvirt]
+    live = [n for n in libvirt if n.name in alive and not n.cordoned]
+    if not live:
+        return Decision(None, NO_NODE_AVAILABLE, _why_none_live(libvirt, alive))
+    used = used_memory(placed)
+    free = {n.name: n.allocatable_bytes - used.get(n.name, 0) for n in live}
+    roomy = [n for n in live if free[n.name] >= need]
+    if not roomy:
+        return Decision(None, INSUFFICIENT_MEMORY, _why_no_room(need, live, free))
+    conflicts = {n.name: disk_conflict(vm, n.name, placed) for n in roomy}
+    fitting = [n for n in roomy if not conflicts[n.name]]
+    if not fitting:
+        return Decision(None, DISK_CONFLICT, "; ".join(conflicts[n.name] for n in roomy))
+    best = min(fitting, key=lambda n: (-free[n.name], n.name))
+    return Decision(best.name, SCHEDULED,
+                    f"placed on node {best.name} ({human_bytes(free[best.name])} of "
+                    f"{human_bytes(best.allocatable_bytes)} memory was free, the VM needs {human_bytes(need)})")
+
+
+def _why_none_live(libvirt: list[Node], alive: set[str]) -> str:
+    if not libvirt:
+        return f"no node is labelled {meta.LIBVIRT_NODE_LABEL}=true"
+    no_agent = sorted(n.name for n in libvirt if n.name not in alive)
+    cordoned = sorted(n.name for n in libvirt if n.name in alive and n.cordoned)
+    parts = []
+    if no_agent:
+        parts.append(f"{len(no_agent)} without a live agent ({_names(no_agent)})")
+    if cordoned:
+        parts.append(f"{len(cordoned)} cordoned ({_names(cordoned)})")
+    return f"no libvirt node can take the VM: of {len(libvirt)}, " + ", ".join(parts)
+
+
+def _why_no_room(need: int, live: list[Node], free: dict[str, int]) -> str:
+    ranked = sorted(live, key=lambda n: (-free[n.name], n.name))[:5]
+    shown = ", ".join(
+        f"{n.name} {human_bytes(max(free[n.name], 0))} free of {human_bytes(n.allocatable_bytes)}" for n in ranked
+    )
+    more = f" and {len(live) - len(ranked)} more" if len(live) > len(ranked) else ""
+    return f"the VM needs {human_bytes(need)} of memory; no live node has room: {shown}{more}"
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", +{len(names) - limit}" if len(names) > limit else "")

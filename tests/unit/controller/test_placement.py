@@ -1,0 +1,131 @@
+"""Placement decisions: pinned nodes, most-free choice, reasons and the reservations' bookkeeping."""
+
+from libvirt_operator.api import meta
+from libvirt_operator.controller import placement as p
+from libvirt_operator.controller.placement import DiskUse, Node, Reservations, VMRef
+
+GI = 2**30
+
+
+def vm(uid="new", memory=GI, pinned=None, node=None, disks=()):
+    return VMRef(uid=uid, name=f"ns/{uid}", memory_bytes=memory, pinned_node=pinned, node=node, disks=tuple(disks))
+
+
+def test_picks_the_live_node_with_most_free_memory():
+    nodes = [Node("a", 8 * GI), Node("b", 4 * GI), Node("c", 16 * GI)]
+    placed = [vm("x", 10 * GI, node="c")]  # c: 6Gi free, a: 8Gi free
+    d = p.decide(vm(), nodes, {"a", "b", "c"}, placed)
+    assert (d.node, d.reason) == ("a", p.SCHEDULED)
+    assert "8Gi of 8Gi" in d.message
+
+
+def test_a_tie_goes_to_the_first_name():
+    nodes = [Node("b", 4 * GI), Node("a", 4 * GI)]
+    assert p.decide(vm(), nodes, {"a", "b"}, []).node == "a"
+
+
+def test_only_live_uncordoned_libvirt_nodes_are_candidates():
+    nodes = [Node("dead", 64 * GI), Node("plain", 64 * GI, libvirt=False),
+             Node("cordoned", 64 * GI, cordoned=True), Node("small", 2 * GI)]
+    alive = {"plain", "cordoned", "small"}
+    assert p.decide(vm(), nodes, alive, []).node == "small"
+
+
+def test_no_live_agent_is_no_node_available():
+    d = p.decide(vm(), [Node("a", 8 * GI), Node("b", 8 * GI, cordoned=True)], {"b"}, [])
+    assert (d.node, d.reason) == (None, p.NO_NODE_AVAILABLE)
+    assert "without a live agent (a)" in d.message and "cordoned (b)" in d.message
+
+
+def test_no_libvirt_node_at_all_is_no_node_available():
+    d = p.decide(vm(), [], set(), [])
+    assert d.reason == p.NO_NODE_AVAILABLE and meta.LIBVIRT_NODE_LABEL in d.message
+
+
+def test_no_room_names_the_numbers():
+    nodes = [Node("a", 4 * GI), Node("b", 2 * GI)]
+    placed = [vm("x", 3 * GI, node="a")]
+    d = p.decide(vm(memory=3 * GI), nodes, {"a", "b"}, placed)
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_MEMORY)
+    assert d.message == "the VM needs 3Gi of memory; no live node has room: b 2Gi free of 2Gi, a 1Gi free of 4Gi"
+
+
+def test_memory_that_exactly_fits_is_placed():
+    assert p.decide(vm(memory=2 * GI), [Node("a", 3 * GI)], {"a"}, [vm("x", GI, node="a")]).node == "a"
+
+
+def test_pinned_node_must_exist():
+    d = p.decide(vm(pinned="gone"), [Node("a", 8 * GI)], {"a"}, [])
+    assert (d.node, d.reason) == (None, p.NODE_NOT_FOUND)
+    assert "gone" in d.message
+
+
+def test_pinned_node_must_have_enough_allocatable_memory():
+    d = p.decide(vm(memory=16 * GI, pinned="a"), [Node("a", 8 * GI)], {"a"}, [])
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_MEMORY)
+    assert d.message == "node a has 8Gi allocatable memory, the VM needs 16Gi"
+
+
+def test_pinned_node_needs_no_live_agent_and_ignores_other_vms_memory():
+    placed = [vm("x", 8 * GI, node="a")]
+    assert p.decide(vm(pinned="a"), [Node("a", 8 * GI, libvirt=False)], set(), placed).node == "a"
+
+
+def test_a_vm_is_not_counted_against_itself():
+    me = vm("me", 4 * GI)
+    assert p.decide(me, [Node("a", 4 * GI)], {"a"}, [vm("me", 4 * GI, node="a")]).node == "a"
+
+
+def test_writable_disk_shared_on_a_node_is_avoided():
+    disk = [DiskUse("/images/d.qcow2", True)]
+    placed = [vm("x", GI, node="a", disks=disk)]
+    nodes = [Node("a", 64 * GI), Node("b", 2 * GI)]
+    assert p.decide(vm(disks=disk), nodes, {"a", "b"}, placed).node == "b"
+    d = p.decide(vm(disks=disk), nodes[:1], {"a"}, placed)
+    assert (d.node, d.reason) == (None, p.DISK_CONFLICT)
+    assert "ns/x" in d.message
+    assert p.decide(vm(disks=disk, pinned="a"), nodes, {"a"}, placed).reason == p.DISK_CONFLICT
+
+
+def test_read_only_sharing_is_allowed():
+    iso = DiskUse("/images/install.iso", False)
+    placed = [vm("x", GI, node="a", disks=[iso])]
+    assert p.decide(vm(disks=[iso]), [Node("a", 8 * GI)], {"a"}, placed).node == "a"
+    writer = [DiskUse("/images/install.iso", True)]
+    assert p.decide(vm(disks=writer), [Node("a", 8 * GI)], {"a"}, placed).node is None
+
+
+def test_reservations_count_until_the_listing_shows_the_label():
+    r = Reservations()
+    r.add(vm("x", 2 * GI, node="a"))
+    listed = [vm("x", 2 * GI), vm("y", GI, node="a")]  # the listing predates x's label
+    assert p.used_memory(r.combine(listed)) == {"a": 3 * GI}
+    listed = [vm("x", 2 * GI, node="a"), vm("y", GI, node="a")]
+    assert p.used_memory(r.combine(listed)) == {"a": 3 * GI}  # not twice
+    assert r.by_uid == {}
+
+
+def test_reservations_of_deleted_vms_are_dropped():
+    r = Reservations()
+    r.add(vm("x", 2 * GI, node="a"))
+    assert r.combine([]) == [] and r.by_uid == {}
+
+
+def test_vm_ref_reads_the_wire_form():
+    obj = {
+        "metadata": {"uid": "u1", "namespace": "ns", "name": "web", "labels": {meta.NODE_LABEL: "n1"}},
+        "spec": {"nodeName": "n1", "memory": {"size": "1536Mi"}, "disks": [
+            {"name": "root", "path": "/i/root.qcow2"},
+            {"name": "seed", "path": "/i/seed.iso", "device": "cdrom"},
+            {"name": "ro", "path": "/i/ro.raw", "readOnly": True},
+            {"name": "empty", "device": "cdrom"},
+        ]},
+    }
+    assert p.vm_ref(obj) == VMRef("u1", "ns/web", 1536 * 2**20, (
+        DiskUse("/i/root.qcow2", True), DiskUse("/i/seed.iso", False), DiskUse("/i/ro.raw", False),
+    ), pinned_node="n1", node="n1")
+
+
+def test_human_bytes():
+    assert [p.human_bytes(n) for n in (512, 2048, 1536 * 2**20, 3 * GI, 2**40 + 2**39)] == [
+        "512", "2Ki", "1.5Gi", "3Gi", "1.5Ti"]

@@ -1,0 +1,67 @@
+"""The controller's status fields: when work is needed, phase ownership, condition rendering."""
+
+from libvirt_operator.api import meta
+from libvirt_operator.controller import schedule_status as s
+from libvirt_operator.controller.placement import Decision
+
+
+def vm(labels=None, status=None, managed=None, deleting=False):
+    md = {"name": "v", "namespace": "ns", "generation": 3, "labels": labels or {}, "managedFields": managed or []}
+    if deleting:
+        md["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": md, "status": status or {}}
+
+
+def scheduled_cond(status="True"):
+    return {"type": "Scheduled", "status": status, "reason": "Scheduled", "message": "m",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+
+
+PLACED = {meta.NODE_LABEL: "n1"}
+
+
+def test_needs_work():
+    assert s.needs_work(vm())
+    assert not s.needs_work(vm(deleting=True))
+    assert s.needs_work(vm(PLACED))  # label but no status yet (controller died in between)
+    assert s.needs_work(vm(PLACED, {"nodeName": "n1", "conditions": [scheduled_cond("False")]}))
+    assert s.needs_work(vm(PLACED, {"nodeName": "n0", "conditions": [scheduled_cond()]}))
+    assert not s.needs_work(vm(PLACED, {"nodeName": "n1", "conditions": [scheduled_cond()]}))
+
+
+def managed(manager, status_fields):
+    return {"manager": manager, "operation": "Apply", "subresource": "status",
+            "fieldsV1": {"f:status": {k: {} for k in status_fields}}}
+
+
+def test_phase_ownership_from_managed_fields():
+    assert not s.phase_owned_by_others(vm())
+    assert not s.phase_owned_by_others(vm(managed=[managed(meta.CONTROLLER_MANAGER, ["f:phase"])]))
+    assert not s.phase_owned_by_others(vm(managed=[managed(meta.AGENT_MANAGER, ["f:conditions"])]))
+    assert s.phase_owned_by_others(vm(managed=[managed(meta.CONTROLLER_MANAGER, ["f:phase"]),
+                                               managed(meta.AGENT_MANAGER, ["f:phase"])]))
+
+
+def test_scheduled_status():
+    out = s.scheduled(vm(PLACED), "n1", "placed on node n1", with_phase=True)
+    assert out["nodeName"] == "n1" and out["phase"] == "Scheduled"
+    [cond] = out["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"], cond["observedGeneration"]) == (
+        "Scheduled", "True", "Scheduled", 3)
+    assert "phase" not in s.scheduled(vm(PLACED), "n1", "x", with_phase=False)
+
+
+def test_unscheduled_status_has_no_node_and_keeps_transition_time():
+    old = vm(status={"conditions": [{**scheduled_cond("False"), "reason": "NoNodeAvailable"}]})
+    out = s.unscheduled(old, Decision(None, "InsufficientMemory", "needs 3Gi"), with_phase=True)
+    assert "nodeName" not in out and out["phase"] == "Pending"
+    [cond] = out["conditions"]
+    assert (cond["status"], cond["reason"], cond["message"]) == ("False", "InsufficientMemory", "needs 3Gi")
+    assert cond["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_condition_changed():
+    d = Decision(None, "NoNodeAvailable", "m")
+    assert s.condition_changed(vm(), d)
+    assert not s.condition_changed(vm(status={"conditions": [{**scheduled_cond("False"), "reason": d.reason}]}), d)
+    assert s.condition_changed(vm(status={"conditions": [scheduled_cond("False")]}), d)
