@@ -63,15 +63,15 @@ def libvirt_nodes(world_dir: Path, storage_dir: Path) -> Iterator[list[LibvirtNo
 
 @pytest.fixture
 def start_guest(guest_image: GuestImage, storage_dir: Path, libvirt_nodes: list[LibvirtNode]):
-    """Factory ``start_guest(node, name, disk=None, paused=False) -> (virDomain, console_log)``:
+    """Factory ``start_guest(node, name, disk=None, paused=False, nic=False) -> (virDomain, console_log)``:
     defines and starts a persistent test guest (not waiting for its marker).
     At teardown the guest is destroyed and undefined on whichever node holds it."""
     names: list[str] = []
 
-    def start(node: LibvirtNode, name: str, disk: Path | None = None, paused: bool = False):
+    def start(node: LibvirtNode, name: str, disk: Path | None = None, paused: bool = False, nic: bool = False):
         console_log = storage_dir / f"{name}.console.log"
         conn = node.connect()
-        dom = conn.defineXML(guest_domain_xml(guest_image, name, console_log, disk=disk))
+        dom = conn.defineXML(guest_domain_xml(guest_image, name, console_log, disk=disk, nic=nic))
         names.append(name)
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         return dom, console_log

@@ -44,12 +44,14 @@ def guest_domain_xml(
     memory_mib: int = 256,
     vcpus: int = 1,
     disk: Path | None = None,
+    nic: bool = False,
 ) -> str:
     """A minimal TCG domain that direct-boots the test guest.
 
     The serial console goes to ``console_log`` (appended, so it survives reboots
     and migration: wait on it with :func:`wait_for_marker`); the guest agent
-    channel and ACPI are present; ``disk`` (qcow2) becomes ``vda``.
+    channel and ACPI are present; ``disk`` (qcow2) becomes ``vda``; ``nic`` adds
+    a virtio NIC on QEMU's user-mode network (no host network setup needed).
     """
     disk_xml = (
         f"""
@@ -61,6 +63,7 @@ def guest_domain_xml(
         if disk
         else ""
     )
+    nic_xml = "\n    <interface type='user'><model type='virtio'/></interface>" if nic else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
@@ -73,7 +76,7 @@ def guest_domain_xml(
   </os>
   <features><acpi/><apic/></features>
   <clock offset='utc'/>
-  <devices>{disk_xml}
+  <devices>{disk_xml}{nic_xml}
     <serial type='file'>
       <source path='{console_log}' append='on'/>
       <target port='0'/>

@@ -52,6 +52,21 @@ def test_guest_agent_answers_ping(booted):
     assert agent_ping(dom) == {"return": {}}
 
 
+def test_guest_brings_up_loopback_and_its_virtio_nic(start_guest, libvirt_nodes, guest_image):
+    dom, console_log = start_guest(libvirt_nodes[0], unique("nic"), nic=True)
+    wait_for_marker(console_log, guest_image.ready_marker, BOOT_TIMEOUT)
+    deadline = time.monotonic() + 20
+    while True:  # an IPv6 link-local address appears once the link is up (after DAD)
+        ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+        nics = {name: [a["addr"] for a in i["addrs"] or []] for name, i in ifaces.items() if name != "lo"}
+        if any(a.startswith("fe80:") for addrs in nics.values() for a in addrs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "127.0.0.1" in [a["addr"] for a in ifaces["lo"]["addrs"]]
+    assert len(nics) == 1, nics
+    assert any(a.startswith("fe80:") for a in next(iter(nics.values()))), nics
+
+
 def test_acpi_power_button_powers_guest_off(booted):
     dom, _ = booted
     started = time.monotonic()
