@@ -84,14 +84,85 @@ def control_plane_status(world: World) -> tuple[bool, str]:
     return healthy, f"{cp.server} {'ready' if healthy else 'NOT READY'} ({processes or 'no processes'})"
 
 
+# --- step: guest image, libvirt nodes, operator, sample VM ----------------------------------------
+
+NODE_NAMES = ["node-a", "node-b"]
+
+
+def guest_image_up(world: World) -> str:
+    from localenv.guest import ensure_guest_image
+
+    return str(ensure_guest_image().kernel.parent)
+
+
+def nodes_up(world: World) -> str:
+    from localenv.nodes import load_nodes, start_nodes
+
+    running = [n for n in load_nodes(world.dir) if n.is_running()]
+    if {n.name for n in running} == set(NODE_NAMES):
+        return "already running: " + ", ".join(f"{n.name}={n.uri}" for n in running)
+    for n in running:
+        n.stop()
+    nodes = start_nodes(world.dir, NODE_NAMES)
+    return ", ".join(f"{n.name}={n.uri}" for n in nodes)
+
+
+def nodes_down(world: World) -> str:
+    from localenv.nodes import stop_nodes
+
+    return f"stopped {', '.join(stop_nodes(world.dir)) or 'nothing'}"
+
+
+def nodes_status(world: World) -> tuple[bool, str]:
+    from localenv.nodes import load_nodes
+
+    nodes = load_nodes(world.dir)
+    ok = bool(nodes) and all(n.is_running() for n in nodes)
+    return ok, ", ".join(f"{n.name}={'up' if n.is_running() else 'DOWN'}" for n in nodes) or "not started"
+
+
+def operator_up(world: World) -> str:
+    from localenv.cluster import install
+    from localenv.guest import ensure_guest_image
+    from localenv.nodes import load_nodes
+    from localenv.operator import OperatorProcesses
+
+    OperatorProcesses.load(world.dir).stop()
+    cluster = install(ControlPlane.load(world.dir), load_nodes(world.dir), world.dir / "storage",
+                      ensure_guest_image(), world.dir)
+    return ", ".join(cluster.operator.processes)
+
+
+def operator_down(world: World) -> str:
+    from localenv.operator import OperatorProcesses
+
+    ops = OperatorProcesses.load(world.dir)
+    ops.stop()
+    return f"stopped {', '.join(ops.processes) or 'nothing'}"
+
+
+def operator_status(world: World) -> tuple[bool, str]:
+    from localenv.operator import OperatorProcesses
+
+    ops = OperatorProcesses.load(world.dir)
+    states = {n: r.running() for n, r in ops.processes.items()}
+    return bool(states) and all(states.values()), ", ".join(
+        f"{n}={'up' if ok else 'DOWN'}" for n, ok in states.items()) or "not started"
+
+
+def sample_vm_up(world: World) -> str:
+    from localenv.sample import run_sample_vm
+
+    return run_sample_vm(world.dir)
+
+
 STEPS: list[Step] = [
     Step("binaries", up=binaries_up),
     Step("control-plane", up=control_plane_up, down=control_plane_down, status=control_plane_status),
-    # Hook points, in this order (each step imports its module inside its functions):
-    #   "guest-image":   localenv.guest.ensure_guest_image()
-    #   "libvirt-nodes": localenv.nodes.start_nodes(world.dir, names), then
-    #                    localenv.kubenodes.register_node(...) for each; down: LibvirtNode.load(...).stop()
-    #   "operator":      the controller and one agent per node, started with procs.start_detached
+    Step("guest-image", up=guest_image_up),
+    Step("libvirt-nodes", up=nodes_up, down=nodes_down, status=nodes_status),
+    Step("operator", up=operator_up, down=operator_down, status=operator_status),
+    Step("sample-vm", up=sample_vm_up),
 ]
 
 
