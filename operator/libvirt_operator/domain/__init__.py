@@ -1,0 +1,11 @@
+"""libvirt domain XML: element classes over ElementTree and the spec renderer.
+
+May import only ``libvirt_operator.api`` and the standard library.
+"""
+
+from libvirt_operator.domain.config import DomainConfig
+from libvirt_operator.domain.errors import RenderError
+from libvirt_operator.domain.metadata import NAMESPACE as METADATA_NAMESPACE
+from libvirt_operator.domain.metadata import OperatorMetadata
+
+__all__ = ["METADATA_NAMESPACE", "DomainConfig", "OperatorMetadata", "RenderError"]

@@ -1,0 +1,45 @@
+"""The operator's own ``<metadata>`` child: which VirtualMachine a domain renders.
+
+An agent lists its domains after a restart and recognises its own by this
+element; comparing ``config_hash`` with that of a fresh rendering tells
+whether the domain's definition is stale (``generation`` alone cannot: many
+spec changes, e.g. powerState, do not touch the domain).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import xml.etree.ElementTree as ET
+
+from libvirt_operator.domain.xmlbase import IntText, Text, XMLElement, canonical_xml
+
+NAMESPACE = "https://virt.libvirt-operator.io/domain/v1alpha1"
+PREFIX = "lvo"
+ET.register_namespace(PREFIX, NAMESPACE)
+
+
+def _q(tag: str) -> str:
+    return f"{{{NAMESPACE}}}{tag}"
+
+
+class OperatorMetadata(XMLElement):
+    """``<lvo:vm>``; also the key for virDomainGetMetadata/SetMetadata (type ELEMENT, uri NAMESPACE)."""
+
+    TAG = _q("vm")
+    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash")))
+
+    vm_namespace = Text(_q("namespace"))
+    vm_name = Text(_q("name"))
+    vm_uid = Text(_q("uid"))
+    generation = IntText(_q("generation"))  # metadata.generation of the spec rendered
+    config_hash = Text(_q("configHash"))
+
+
+def config_hash(domain: ET.Element) -> str:
+    """sha256 of a domain's canonical XML without the operator metadata (which holds the hash)."""
+    stripped = copy.deepcopy(domain)
+    for holder in stripped.iter("metadata"):
+        for own in holder.findall(OperatorMetadata.TAG):
+            holder.remove(own)
+    return "sha256:" + hashlib.sha256(canonical_xml(stripped).encode()).hexdigest()

@@ -1,0 +1,35 @@
+from domain_samples import sample
+
+from libvirt_operator.domain import DomainConfig, OperatorMetadata
+from libvirt_operator.domain.metadata import NAMESPACE, config_hash
+
+
+def test_hash_ignores_only_the_operator_metadata():
+    dom = DomainConfig.from_xml(sample("extras"))
+    base = config_hash(dom.element)
+    dom.operator_metadata.generation = 8
+    dom.operator_metadata.config_hash = "sha256:1111"
+    assert config_hash(dom.element) == base
+    dom.operator_metadata = None
+    assert config_hash(dom.element) == base
+    dom.devices.disks[0].target_dev = "hdb"
+    assert config_hash(dom.element) != base
+
+
+def test_hash_ignores_formatting():
+    text = sample("kernel-boot")
+    assert config_hash(DomainConfig.from_xml(text).element) == config_hash(
+        DomainConfig.from_xml(text.replace("\n  ", "\n    ")).element)
+
+
+def test_metadata_added_to_a_domain_without_metadata():
+    text = sample("kernel-boot")
+    dom = DomainConfig.from_xml(text)
+    dom.operator_metadata = OperatorMetadata(vm_namespace="ns", vm_name="vm", vm_uid="u", generation=1,
+                                             config_hash="sha256:ab")
+    out = dom.to_xml()
+    assert out.index("<uuid>") < out.index("<metadata>") < out.index("<memory ")  # libvirt's order
+    back = DomainConfig.from_xml(out).operator_metadata
+    assert (back.vm_namespace, back.vm_name, back.vm_uid, back.generation, back.config_hash) == (
+        "ns", "vm", "u", 1, "sha256:ab")
+    assert f'xmlns:lvo="{NAMESPACE}"' in out
