@@ -15,8 +15,9 @@ from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
-from libvirt_operator.domain.metadata import read_metadata
-from libvirt_operator.domain.render import default_domain_name, render_domain
+from libvirt_operator.domain.config import DomainConfig
+from libvirt_operator.domain.naming import default_domain_name
+from libvirt_operator.domain.render import render_domain
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
@@ -102,31 +103,26 @@ class Reconciler:
                 await self._report_failure(obj, "DomainNameConflict",
                                            f"domain {name} exists on this node with another uuid ({other.uuid})")
                 return None
-        xml = self._render(obj, spec, name)
-        if guest is not None and not await self._stale(guest, xml):
+        wanted = self._render(obj, spec, name)
+        if guest is not None and not DomainConfig.from_xml(await guest.xml(inactive=True)).is_stale(wanted):
             return guest
-        guest = await self.host.define(xml)
-        await self._event(obj, "Defined" if guest else "Redefined", f"domain {name} defined on {self.cfg.node_name}")
+        verb = "Redefined" if guest is not None else "Defined"
+        guest = await self.host.define(wanted.to_xml())
+        await self._event(obj, verb, f"domain {name} {verb.lower()} on {self.cfg.node_name}")
         return guest
 
-    def _render(self, obj: dict, spec: VirtualMachineSpec, name: str) -> str:
+    def _render(self, obj: dict, spec: VirtualMachineSpec, name: str) -> DomainConfig:
         md = obj["metadata"]
-        config = render_domain(
+        return render_domain(
             spec, name=name, uuid=md["uid"], namespace=md["namespace"], vm_name=md["name"],
             generation=md.get("generation", 1), domain_type=self._resolve_domain_type(spec),
             console_log=str(self.cfg.console_log_dir / f"{name}.console.log"),
         )
-        return config.to_xml()
 
     def _resolve_domain_type(self, spec: VirtualMachineSpec) -> str:
         if spec.domain_type != "auto":
             return spec.domain_type
         return "kvm" if self.has_kvm else "qemu"
-
-    async def _stale(self, guest: Guest, xml: str) -> bool:
-        defined = read_metadata(await guest.xml(inactive=True))
-        wanted = read_metadata(xml)
-        return defined is None or wanted is None or defined.config_hash != wanted.config_hash
 
     # -- one-shot requests ---------------------------------------------------------------------
 
