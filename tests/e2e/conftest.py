@@ -15,5 +15,5 @@ def vms(cluster) -> VMs:
 @pytest.fixture
 def vm_name(request) -> str:
     """A unique, DNS-safe VM name per test."""
-    base = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-")[:40].strip("-")
+    base = request.node.name.split("[")[0].removeprefix("test_").replace("_", "-").lower()[:40].strip("-")
     return f"{base}-{next(_names)}"

@@ -87,6 +87,10 @@ class Agent:
 def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
     agent = Agent(cfg)
 
+    @kopf.on.login(id="kubernetes-client", registry=registry)
+    def login(**kwargs):  # in-cluster service account, else KUBECONFIG
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_):
         # Only this node's VMs ever reach this process (server-side label selector).
