@@ -24,7 +24,9 @@ def _q(tag: str) -> str:
 
 
 class OperatorMetadata(XMLElement):
-    """``<lvo:vm>``; also the key for virDomainGetMetadata/SetMetadata (type ELEMENT, uri NAMESPACE)."""
+    """``<lvo:vm>``. Also readable and writable alone through virDomainGetMetadata /
+    SetMetadata(VIR_DOMAIN_METADATA_ELEMENT, uri=NAMESPACE, key=PREFIX), which
+    exchange the element without its namespace: see from_api_xml / to_api_xml."""
 
     TAG = _q("vm")
     CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash")))
@@ -34,6 +36,22 @@ class OperatorMetadata(XMLElement):
     vm_uid = Text(_q("uid"))
     generation = IntText(_q("generation"))  # metadata.generation of the spec rendered
     config_hash = Text(_q("configHash"))
+
+    @classmethod
+    def from_api_xml(cls, text: str) -> OperatorMetadata:
+        """Parses what virDomainGetMetadata returns (``<vm><name>..``, no namespace)."""
+        root = ET.fromstring(text)
+        for node in root.iter():
+            if not node.tag.startswith("{"):
+                node.tag = _q(node.tag)
+        return cls(root)
+
+    def to_api_xml(self) -> str:
+        """The element as virDomainSetMetadata wants it (libvirt adds the namespace)."""
+        plain = copy.deepcopy(self.element)
+        for node in plain.iter():
+            node.tag = node.tag.removeprefix(f"{{{NAMESPACE}}}")
+        return ET.tostring(plain, encoding="unicode")
 
 
 def config_hash(domain: ET.Element) -> str:

@@ -33,3 +33,12 @@ def test_metadata_added_to_a_domain_without_metadata():
     assert (back.vm_namespace, back.vm_name, back.vm_uid, back.generation, back.config_hash) == (
         "ns", "vm", "u", 1, "sha256:ab")
     assert f'xmlns:lvo="{NAMESPACE}"' in out
+
+
+def test_metadata_api_form_has_no_namespace():
+    own = OperatorMetadata(vm_namespace="ns", vm_name="vm", generation=2)
+    api = own.to_api_xml()
+    assert api == "<vm><namespace>ns</namespace><name>vm</name><generation>2</generation></vm>"
+    back = OperatorMetadata.from_api_xml("<vm>\n  <name>vm</name>\n  <generation>3</generation>\n</vm>")
+    assert (back.vm_name, back.generation, back.vm_namespace) == ("vm", 3, None)
+    assert own.element.tag == f"{{{NAMESPACE}}}vm"  # the original keeps its namespace
