@@ -27,7 +27,7 @@ MEMORY_SLOTS = 16  # DIMM slots for memory hot-add
 # On q35 every PCIe device sits on its own root port, and root ports cannot be
 # hot-plugged: these stay free for disks and NICs attached while running.
 SPARE_ROOT_PORTS = 8
-PCIE_NIC_MODELS = ("virtio", "e1000e")  # e1000/rtl8139 are conventional PCI (libvirt adds a bridge)
+PCIE_NIC_MODELS = ("virtio", "e1000e")  # e1000/rtl8139 are conventional PCI
 
 
 def render_domain(
@@ -131,13 +131,12 @@ def _devices(spec: VirtualMachineSpec, uuid: str, machine: str, console_log: str
 
 def _pcie_controllers(spec: VirtualMachineSpec, pcie_controllers: int) -> list[dev.Controller]:
     """pcie-root plus one root port per PCIe device and SPARE_ROOT_PORTS more."""
-    conventional_nics = any(nic.model not in PCIE_NIC_MODELS for nic in spec.interfaces)
+    # Conventional PCI NICs go behind a pcie-to-pci-bridge, for which libvirt adds a root port itself.
     in_use = (
         pcie_controllers
         + 1  # memballoon
         + sum(1 for disk in spec.disks if _bus(disk) == "virtio")
         + sum(1 for nic in spec.interfaces if nic.model in PCIE_NIC_MODELS)
-        + conventional_nics  # libvirt puts them behind a pcie-to-pci-bridge on a root port
     )
     ports = [
         dev.Controller(type="pci", index=index, model="pcie-root-port")
