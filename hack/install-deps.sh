@@ -5,6 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 APT_PACKAGES=(
   libvirt-daemon-system qemu-system-x86 qemu-utils   # the hypervisor stack
+  ovmf                                                # UEFI firmware for boot.firmware: uefi
   libvirt-dev pkg-config gcc                          # to build libvirt-python
   cpio busybox-static                                 # to pack the test guest
   iproute2 openssl procps util-linux

@@ -15,6 +15,7 @@ from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
+from libvirt_operator.domain.addresses import carry_over_addresses
 from libvirt_operator.domain.config import DomainConfig
 from libvirt_operator.domain.naming import default_domain_name
 from libvirt_operator.domain.render import render_domain
@@ -104,8 +105,11 @@ class Reconciler:
                                            f"domain {name} exists on this node with another uuid ({other.uuid})")
                 return None
         wanted = self._render(obj, spec, name)
-        if guest is not None and not DomainConfig.from_xml(await guest.xml(inactive=True)).is_stale(wanted):
-            return guest
+        if guest is not None:
+            stored = DomainConfig.from_xml(await guest.xml(inactive=True))
+            if not stored.is_stale(wanted):
+                return guest
+            carry_over_addresses(wanted, stored)  # devices keep their PCI slots (and guest names)
         verb = "Redefined" if guest is not None else "Defined"
         guest = await self.host.define(wanted.to_xml())
         await self._event(obj, verb, f"domain {name} {verb.lower()} on {self.cfg.node_name}")
