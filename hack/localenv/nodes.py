@@ -8,7 +8,9 @@ by all nodes, like shared storage. Each node also gets its own cgroup subtree
 (and cgroup namespace), so its domains live in its own ``machine/`` partition.
 Nodes are reached over TCP on 127.0.0.1 and outlive the Python process that
 started them: ``LibvirtNode.load`` finds a running node again from its state
-directory.
+directory. A node's first process is a subreaper (``subreaper.py``) that adopts
+and promptly reaps the node's daemonized processes, so a QEMU that exits is gone
+at once (libvirtd reports STOPPED only then) whatever the machine's PID 1 does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -44,6 +48,9 @@ PORT_BLOCK = 1 + MIGRATION_PORTS + DISPLAY_PORTS
 PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range (32768+)
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
+SUBREAPER = Path(__file__).with_name("subreaper.py")
+# /proc/<pid>/comm of the processes whose PIDs the state directory records.
+DAEMON_COMMS = {"libvirtd": "libvirtd", "virtlogd": "virtlogd", "subreaper": "lvo-subreaper"}
 
 # The launch runs in two steps. First the shell moves itself into the node's
 # cgroups, then re-executes itself in a new cgroup + mount namespace whose
@@ -62,9 +69,10 @@ for pair in {mounts}; do mount --bind "${{pair%%=*}}" "${{pair#*=}}"; done
 mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
 {cgroup_mounts}
 for mp in {cgroup_mount_points}; do echo $$ >"$mp/daemons/cgroup.procs"; done
-virtlogd -d -p {state}/virtlogd.pid
-libvirtd -d --listen -p {state}/libvirtd.pid
+exec {subreaper} sh -c {daemons}
 """
+# Run by the subreaper, which then stays in the namespaces as the daemons' reaper.
+_DAEMONS = "set -e; virtlogd -d -p {state}/virtlogd.pid; libvirtd -d --listen -p {state}/libvirtd.pid"
 
 
 @dataclass
@@ -120,9 +128,14 @@ class LibvirtNode:
         hierarchies = _cgroup_hierarchies()
         self.cgroup_dirs = [_make_node_cgroup(h, self.cgroup_name) for h in hierarchies]
         self._write_state()
+        state = shlex.quote(str(self.state_dir))
+        subreaper = shlex.join(
+            [sys.executable, "-I", str(SUBREAPER), f"{self.state_dir}/subreaper.pid", f"{self.state_dir}/subreaper.log"]
+        )
         launch_script = _LAUNCH.format(
             mounts=mounts,
-            state=self.state_dir,
+            subreaper=subreaper,
+            daemons=shlex.quote(_DAEMONS.format(state=state)),
             cgroup_mounts="\n".join(h.mount_command() for h in hierarchies),
             cgroup_mount_points=" ".join(h.mount_point for h in hierarchies),
         )
@@ -145,19 +158,28 @@ class LibvirtNode:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> list[int]:
         """Destroys the node's domains, stops its daemons, then SIGKILLs whatever of
-        the node is left (e.g. QEMUs of a crashed libvirtd). Returns the killed PIDs;
-        raises if any process of the node survives."""
+        the node is left (e.g. QEMUs of a crashed libvirtd) and last its subreaper.
+        Returns the killed PIDs (the subreaper aside); raises if any process of the
+        node survives."""
         if self.is_running():
             self._destroy_domains()
+        reaper = self._daemon_pid("subreaper")
         daemons = [pid for pid in map(self._daemon_pid, ("libvirtd", "virtlogd")) if pid]
         for pid in daemons:
             _signal(pid, signal.SIGTERM)
         _wait_until(lambda: not any(map(_is_alive, daemons)), timeout / 2)
-        stragglers = self.processes()
+        stragglers = [pid for pid in self.processes() if pid != reaper]
         for pid in stragglers:
             _signal(pid, signal.SIGKILL)
-        if not _wait_until(lambda: not self.processes(), timeout / 2):
-            raise RuntimeError(f"node {self.name}: processes survived SIGKILL: {self.processes()}")
+        _wait_until(lambda: set(self.processes()) <= {reaper}, timeout / 4)
+        if reaper:  # it exits by itself once it has reaped every child
+            _wait_until(lambda: not _is_alive(reaper), 2.0)
+        left = self.processes()  # a stuck reaper, or whatever started meanwhile
+        stragglers += [pid for pid in left if pid != reaper]
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        if not _wait_until(lambda: not self.processes(), timeout / 4):
+            raise RuntimeError(f"node {self.name}: processes survived SIGKILL: {_describe(self.processes())}")
         for cgroup_dir in self.cgroup_dirs:
             _remove_cgroup_tree(Path(cgroup_dir))
         return stragglers
@@ -246,13 +268,12 @@ class LibvirtNode:
             pid = int((self.state_dir / f"{daemon}.pid").read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _is_alive(pid) and _comm(pid) == daemon and self._owns(pid) else None
+        return pid if _is_alive(pid) and _comm(pid) == DAEMON_COMMS[daemon] and self._owns(pid) else None
 
     def _owns(self, pid: int) -> bool:
         lib_dir = str((self.state_dir / "lib").resolve())
-        try:
-            mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
-        except OSError:
+        mountinfo = _mountinfo(pid)
+        if mountinfo is None:
             return False
         for line in mountinfo.splitlines():
             fields = line.split()
@@ -371,8 +392,17 @@ def _remove_cgroup_tree(top: Path) -> None:
     for dirpath, _dirs, _files in os.walk(top, topdown=False):
         try:
             os.rmdir(dirpath)
+        except FileNotFoundError:
+            continue
         except OSError as err:
-            raise RuntimeError(f"cannot remove cgroup {dirpath}: {err}") from err
+            raise RuntimeError(f"cannot remove cgroup {dirpath}: {err}; threads: {_cgroup_tids(dirpath)}") from err
+
+
+def _cgroup_tids(cgroup_dir: str) -> str:
+    for name in ("tasks", "cgroup.threads"):  # v1, v2
+        with contextlib.suppress(OSError):
+            return ", ".join(f"{tid} ({_comm(int(tid))})" for tid in Path(cgroup_dir, name).read_text().split())
+    return "?"
 
 
 def _capabilities_seed() -> Path:
@@ -431,13 +461,42 @@ def _live_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_alive(int(p.name))]
 
 
-def _is_alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (this machine's PID 1 reaps lazily)."""
+def _live_threads(pid: int) -> list[int]:
+    """Threads of the process that have not finished exiting. A process whose main
+    thread is already a zombie can still have threads running (or busy exiting,
+    e.g. freeing QEMU's guest RAM); those still hold the process's cgroups."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return []
+    live = []
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            live.append(tid)
+    return live
+
+
+def _is_alive(pid: int) -> bool:
+    """True until every thread of the process has exited; a zombie is not alive."""
+    return bool(_live_threads(pid))
+
+
+def _mountinfo(pid: int) -> str | None:
+    """The process's mount table, read through a live thread (a zombie main thread has none)."""
+    for tid in _live_threads(pid):
+        try:
+            return Path(f"/proc/{pid}/task/{tid}/mountinfo").read_text()
+        except OSError:
+            continue
+    return None
+
+
+def _describe(pids: list[int]) -> str:
+    return ", ".join(f"{pid} ({_comm(pid)}, threads {_live_threads(pid)})" for pid in pids) or "none"
 
 
 def _comm(pid: int) -> str:

@@ -1,23 +1,37 @@
-"""Isolated libvirt nodes: separate daemons and cgroups, live migration, clean teardown."""
+"""Isolated libvirt nodes: separate daemons and cgroups, live migration, prompt reaping,
+clean teardown."""
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 import pytest
 
+from libvirt_operator.hypervisor.events import register_event_loop
 from localenv.fixtures_libvirt import agent_ping, guest_domain_xml, wait_for_marker
-from localenv.nodes import LibvirtNode, load_nodes
+from localenv.nodes import LibvirtNode, load_nodes, start_nodes
+
+from .hypervisor_support import background_loop, qemu_pid
 
 pytestmark = pytest.mark.world
 
 BOOT_TIMEOUT = 120.0
+POWEROFFS = 3
+# QEMU exit -> STOPPED event. The product needs < 2 s; libvirt polls for the exited pid every
+# 200 ms, and a lazy reaper (this machine's PID 1: 1-2 s) would push it past 1 s.
+STOPPED_AFTER_EXIT = 1.0
 
 
 def unique(prefix: str) -> str:
@@ -25,7 +39,41 @@ def unique(prefix: str) -> str:
 
 
 def qemu_pids(node: LibvirtNode) -> list[int]:
-    return [pid for pid in node.processes() if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system")]
+    return [pid for pid in node.processes() if comm(pid).startswith("qemu-system")]
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def subreaper(node: LibvirtNode) -> int:
+    (pid,) = [pid for pid in node.processes() if comm(pid) == "lvo-subreaper"]
+    return pid
+
+
+def exit_time(pid: int) -> Future:
+    """Resolves to time.time() when `pid` exits (its pidfd turns readable then, before reaping)."""
+    fd, done = os.pidfd_open(pid), Future()
+
+    def watch():
+        select.select([fd], [], [])
+        done.set_result(time.time())
+        os.close(fd)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def wait_for(value, timeout: float):
+    deadline = time.monotonic() + timeout
+    while (result := value()) is None:
+        assert time.monotonic() < deadline, f"nothing after {timeout} s"
+        time.sleep(0.01)
+    return result
 
 
 # The memory controller's hierarchy: cgroup v1 (this project's machines) or v2.
@@ -127,6 +175,77 @@ def test_live_migration_a_to_b_keeps_guest_running(libvirt_nodes, start_guest, s
     assert console_log.read_text().count(guest_image.ready_marker) == 1  # migrated, not rebooted
 
 
+def test_guest_powering_itself_off_is_reported_stopped_at_once(libvirt_nodes, start_guest, guest_image):
+    """libvirtd reports STOPPED only once the exited QEMU's pid is gone. QEMU daemonizes, so
+    its zombie must go to the node's subreaper, which reaps at once, not to a lazy PID 1."""
+    node = libvirt_nodes[0]
+    register_event_loop(background_loop())  # before connecting: only then does libvirt send events
+    conn = node.connect()
+    stopped: dict[str, tuple[float, int]] = {}
+
+    def on_lifecycle(_conn, dom, event, detail, _opaque):
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            stopped[dom.UUIDString()] = (time.time(), detail)
+
+    callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+    delays = []
+    try:
+        for _ in range(POWEROFFS):
+            name = unique("poweroff")
+            dom, console_log = start_guest(node, name)
+            wait_for_marker(console_log, guest_image.ready_marker, BOOT_TIMEOUT)
+            assert agent_ping(dom) == {"return": {}}
+            pid = qemu_pid(name)
+            assert parent(pid) == subreaper(node)
+            exited = exit_time(pid)
+            # The guest powers itself off (qemu-ga runs poweroff). The agent never replies to
+            # guest-shutdown, so the call ends in an error once QEMU is gone.
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-shutdown"}', 5, 0)
+            at, detail = wait_for(partial(stopped.get, dom.UUIDString()), 10)
+            assert detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN
+            delays.append(at - exited.result(10))
+    finally:
+        conn.domainEventDeregisterAny(callback)
+        conn.close()
+    print(f"\nTIMING QEMU exit -> STOPPED event: {', '.join(f'{d:.3f}' for d in delays)} s")
+    assert max(delays) < STOPPED_AFTER_EXIT
+
+
+# Leaves a process whose main thread is a zombie while another thread runs on.
+MAIN_THREAD_EXITS = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(600,)).start()
+ctypes.CDLL(None).syscall(60, 0)  # exit(2), not exit_group(2): only this thread ends
+"""
+
+
+def test_stop_waits_for_every_thread_of_a_process(tmp_path_factory):
+    """A SIGKILLed QEMU's main thread can be a zombie while its other threads are still
+    exiting, and those still hold the node's cgroups: stop() must count such a process
+    as alive, or removing the cgroups fails with EBUSY."""
+    (node,) = start_nodes(tmp_path_factory.mktemp("threads"), ["threads"])
+    libvirtd = int((node.state_dir / "libvirtd.pid").read_text())
+    procs_files = [f"{d}/daemons/cgroup.procs" for d in node.cgroup_dirs]
+    join_node = 'pid=$1; shift; for f in "$@"; do echo $$ >"$f"; done; exec nsenter -t $pid -m "$0" -c "$CODE"'
+    proc = subprocess.Popen(
+        ["sh", "-c", join_node, sys.executable, str(libvirtd), *procs_files],
+        env={**os.environ, "CODE": MAIN_THREAD_EXITS},
+    )
+    try:
+        wait_for(lambda: _state(proc.pid) == "Z" or None, 10)
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2  # the main thread is a zombie, one runs
+        assert proc.pid in node.processes()
+        killed = node.stop()
+        assert proc.pid in killed
+        assert proc.wait(10) == -signal.SIGKILL
+        assert all(not Path(d).exists() for d in node.cgroup_dirs)
+    finally:
+        proc.kill()
+        proc.wait()
+        node.stop()
+
+
 STOP_FROM_FRESH_PROCESS = (
     "import json, sys; from localenv.nodes import stop_nodes; print(json.dumps(stop_nodes(sys.argv[1])))"
 )
@@ -146,16 +265,21 @@ def test_nodes_outlive_their_starter_and_stop_leaves_nothing(tmp_path_factory, g
             conn = node.connect()
             conn.createXML(guest_domain_xml(guest_image, unique("doomed"), world / f"{node.name}.log"), 0)
             conn.close()
+        for node in nodes:  # the starter is gone; each node's subreaper adopted its daemons
+            daemons = [int((node.state_dir / f"{d}.pid").read_text()) for d in ("libvirtd", "virtlogd")]
+            assert [parent(pid) for pid in daemons] == [subreaper(node)] * 2
         healthy, crashed = nodes
         libvirtd_pid = int((crashed.state_dir / "libvirtd.pid").read_text())
         os.kill(libvirtd_pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{libvirtd_pid}").exists() or None, 1.0)  # reaped at once
         before = {n.name: n.processes() for n in nodes}
         orphan_qemus = qemu_pids(crashed)
         assert qemu_pids(healthy) and orphan_qemus
 
         stop = subprocess.run(
-            [sys.executable, "-c", STOP_FROM_FRESH_PROCESS, str(world)], check=True, capture_output=True, text=True
+            [sys.executable, "-c", STOP_FROM_FRESH_PROCESS, str(world)], capture_output=True, text=True
         )
+        assert stop.returncode == 0, f"stop_nodes failed:\n{stop.stderr}"
 
         killed = json.loads(stop.stdout)
         assert killed[healthy.name] == []  # domains destroyed through libvirt, daemons exited
@@ -172,8 +296,11 @@ def test_nodes_outlive_their_starter_and_stop_leaves_nothing(tmp_path_factory, g
 
 
 def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _state(pid: int) -> str | None:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state != "Z"
+        return None
