@@ -4,7 +4,7 @@ import libvirt
 import pytest
 
 from libvirt_operator.api import meta
-from tests.e2e.vmtools import condition, manifest, phase_of
+from tests.e2e.vmtools import condition, manifest
 
 
 def running_vm(vms, cluster, name, **spec):
@@ -42,19 +42,34 @@ def test_L2_graceful_shutdown(vms, cluster, vm_name, mode):
     assert any(e.reason == "ShuttingDown" and mode in e.message for e in vms.events(vm_name))
 
 
+def _uncooperative(cluster, flag):
+    return {"boot": {"kernel": {"kernel": str(cluster.image.kernel), "initrd": str(cluster.image.initrd),
+                                "cmdline": f"{cluster.image.cmdline} {flag}"}}}
+
+
 def test_L2_shutdown_timeout_is_reported_then_forced(vms, cluster, vm_name):
-    # A guest that ignores the request: ACPI on a VM whose kernel is still paused never completes.
-    vms.create(manifest(cluster, vm_name, powerState="Paused"))
-    vms.wait_phase(vm_name, "Paused")
-    vms.patch_spec(vm_name, {"powerState": "Stopped", "shutdown": {"mode": "agent", "timeoutSeconds": 3}})
-    vm = vms.wait(vm_name, lambda v: condition(v, "Failure").get("reason") in ("ShutdownTimeout",
-                                                                                "GuestAgentUnavailable"),
-                  "a shutdown failure condition", 60)
+    running_vm(vms, cluster, vm_name, **_uncooperative(cluster, "lvo.acpi=off"))
+    vms.patch_spec(vm_name, {"powerState": "Stopped", "shutdown": {"mode": "acpi", "timeoutSeconds": 3}})
+    vm = vms.wait(vm_name, lambda v: condition(v, "Failure").get("reason") == "ShutdownTimeout",
+                  "ShutdownTimeout", 60)
     assert condition(vm, "Ready")["status"] == "False"
+    assert "did not power off within 3s" in condition(vm, "Failure")["message"]
     assert vms.domain(vm).isActive()
-    vms.patch_spec(vm_name, {"shutdown": {"mode": "force"}})
+    vms.patch_spec(vm_name, {"shutdown": {"forceAfterTimeout": True}})
     vm = vms.wait_phase(vm_name, "Stopped", 30)
     assert vms.domain(vm).state()[1] == libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED
+    assert condition(vm, "Failure") == {}
+
+
+def test_L2_agent_shutdown_without_a_guest_agent_is_reported(vms, cluster, vm_name):
+    running_vm(vms, cluster, vm_name, **_uncooperative(cluster, "lvo.agent=off"))
+    vms.patch_spec(vm_name, {"powerState": "Stopped", "shutdown": {"mode": "agent"}})
+    vm = vms.wait(vm_name, lambda v: condition(v, "Failure").get("reason") == "GuestAgentUnavailable",
+                  "GuestAgentUnavailable", 60)
+    assert condition(vm, "AgentConnected")["status"] == "False"
+    assert vms.domain(vm).isActive()
+    vms.patch_spec(vm_name, {"shutdown": {"mode": "acpi"}})
+    vms.wait_phase(vm_name, "Stopped", 60)
 
 
 def test_L3_force_power_off(vms, cluster, vm_name):

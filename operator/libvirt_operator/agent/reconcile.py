@@ -258,15 +258,16 @@ class Reconciler:
     async def _report_failure(self, obj: dict, reason: str, message: str, guest: Guest | None = None) -> None:
         st = obj.get("status") or {}
         gen = obj["metadata"].get("generation", 1)
-        fresh = (st.get("observedGeneration") != gen
-                 or (next((c for c in st.get("conditions") or [] if c["type"] == "Failure"), {}).get("reason")
-                     != reason))
-        phase = st.get("phase") or "Failed"
-        if guest is None or (await self._observe(guest)).state not in power.ACTIVE_STATES:
-            phase = "Failed"
+        previous = next((c for c in st.get("conditions") or [] if c["type"] == "Failure"), {})
+        fresh = st.get("observedGeneration") != gen or previous.get("reason") != reason
+        spec = VirtualMachineSpec.model_validate(obj["spec"])
+        guest = guest or await self.host.lookup(obj["metadata"]["uid"])
+        active = guest is not None and (await self._observe(guest)).state in power.ACTIVE_STATES
         report = status.Report(
-            phase=phase, generation=gen, ready=Cond("Ready", False, reason, message),
+            phase=(st.get("phase") or "Failed") if active else "Failed",
+            generation=gen, ready=Cond("Ready", False, reason, message),
             domain={"name": guest.name, "uuid": guest.uuid} if guest else None,
+            agent_connected=await self._agent_condition(spec, guest, active) if guest else None,
             failure=Cond("Failure", True, reason, message),
             halted_generation=st.get("haltedGeneration"), shutdown=st.get("shutdown"),
             requests=requests.carried(st),
