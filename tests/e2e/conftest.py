@@ -12,6 +12,13 @@ def vms(cluster) -> VMs:
     return VMs(cluster)
 
 
+@pytest.fixture(autouse=True)
+def _delete_test_vms(request):
+    yield
+    if "vms" in request.fixturenames:
+        request.getfixturevalue("vms").delete_created()
+
+
 @pytest.fixture
 def vm_name(request) -> str:
     """A unique, DNS-safe VM name per test."""

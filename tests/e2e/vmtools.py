@@ -32,10 +32,23 @@ class VMs:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.api = client.CustomObjectsApi(cluster.control_plane.api_client())
+        self.created: list[str] = []
 
     def create(self, body: dict) -> dict:
-        return self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines",
-                                                        copy.deepcopy(body))
+        vm = self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "virtualmachines",
+                                                      copy.deepcopy(body))
+        self.created.append(body["metadata"]["name"])
+        return vm
+
+    def delete_created(self) -> None:
+        """Delete (without waiting) every VM this helper created, so guests do not pile up."""
+        for name in self.created:
+            try:
+                self.delete(name)
+            except client.exceptions.ApiException as exc:
+                if exc.status != 404:
+                    raise
+        self.created.clear()
 
     def get(self, name: str) -> dict | None:
         try:

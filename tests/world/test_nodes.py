@@ -38,8 +38,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def qemu_pids(node: LibvirtNode) -> list[int]:
-    return [pid for pid in node.processes() if comm(pid).startswith("qemu-system")]
+def qemu_pids(node: LibvirtNode, domain: str | None = None) -> list[int]:
+    """QEMU processes of the node (of one domain if named; other tests' guests may run too)."""
+    return [pid for pid in node.processes() if comm(pid).startswith("qemu-system")
+            and (domain is None or f"guest={domain}," in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))]
 
 
 def comm(pid: int) -> str:
@@ -124,7 +126,7 @@ def test_same_name_and_id_on_both_nodes_get_separate_cgroups(libvirt_nodes, star
         behind.destroy()
         behind.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     assert dom_a.ID() == dom_b.ID()
-    (qemu_a,), (qemu_b,) = qemu_pids(node_a), qemu_pids(node_b)
+    (qemu_a,), (qemu_b,) = qemu_pids(node_a, name), qemu_pids(node_b, name)
     cg_a, cg_b = memory_cgroup(qemu_a), memory_cgroup(qemu_b)
     leaf = f"/machine/qemu-{dom_a.ID()}-{name}.libvirt-qemu"
     assert cg_a.endswith(leaf) and cg_b.endswith(leaf)
@@ -170,8 +172,8 @@ def test_live_migration_a_to_b_keeps_guest_running(libvirt_nodes, start_guest, s
     moved = node_b.connect().lookupByName(name)
     assert moved.isActive() and moved.isPersistent()
     assert agent_ping(moved) == {"return": {}}
-    assert qemu_pids(node_a) == []
-    assert len(qemu_pids(node_b)) == 1
+    assert qemu_pids(node_a, name) == []
+    assert len(qemu_pids(node_b, name)) == 1
     assert console_log.read_text().count(guest_image.ready_marker) == 1  # migrated, not rebooted
 
 
