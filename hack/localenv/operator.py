@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,14 @@ from pathlib import Path
 from localenv import procs
 
 NAMESPACE = "libvirt-operator-system"
+
+
+def _metrics_env() -> dict[str, str]:
+    """A free local port per process for its /metrics endpoint (several agents share this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"LVO_METRICS_PORT": str(port), "LVO_METRICS_ADDRESS": "127.0.0.1"}
 
 
 @dataclass
@@ -25,7 +34,7 @@ class OperatorProcesses:
         return self.world_dir / "operator"
 
     def start_controller(self, kubeconfig: Path, namespace: str = NAMESPACE) -> procs.ProcessRef:
-        env = {"KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace}
+        env = {"KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace, **_metrics_env()}
         return self._start("controller", [sys.executable, "-m", "libvirt_operator.controller"], env)
 
     def start_agent(self, node_name: str, libvirt_uri: str, kubeconfig: Path, storage_roots: list[Path],
@@ -34,7 +43,7 @@ class OperatorProcesses:
         env = {
             "KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace, "NODE_NAME": node_name,
             "LIBVIRT_URI": libvirt_uri, "LVO_STORAGE_ROOTS": ":".join(map(str, storage_roots)),
-            "LVO_CONSOLE_LOG_DIR": str(console_dir),
+            "LVO_CONSOLE_LOG_DIR": str(console_dir), **_metrics_env(),
         }
         return self._start(f"agent-{node_name}", [sys.executable, "-m", "libvirt_operator.agent"], env)
 
@@ -45,7 +54,10 @@ class OperatorProcesses:
             procs.stop(ref)
         argv = [sys.executable, "-m", "libvirt_operator.controller" if name == "controller"
                 else "libvirt_operator.agent"]
-        return self._start(name, argv, self.envs[name])
+        env = self.envs[name]
+        if "LVO_METRICS_PORT" not in env:  # saved by a version without metrics: all would want 8080
+            env = {**env, **_metrics_env()}
+        return self._start(name, argv, env)
 
     def kill(self, name: str) -> None:
         """SIGKILL, as a crash would."""

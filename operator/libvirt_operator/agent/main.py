@@ -16,6 +16,7 @@ from libvirt_operator.agent.workqueue import WorkQueue
 from libvirt_operator.api import meta
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.host import Host
+from libvirt_operator.metrics import agent as metrics
 
 log = logging.getLogger("libvirt_operator.agent")
 
@@ -25,8 +26,9 @@ class Agent:
         self.cfg = cfg
         self.store = VMStore()
         self.host = Host(cfg.libvirt_uri)
-        self.reconciler = Reconciler(cfg, self.host, self.store)
+        self.reconciler = Reconciler(cfg, metrics.timed_host(self.host), self.store)
         self.queue = WorkQueue(self.reconciler, workers=cfg.workers)
+        metrics.track(cfg.node_name, self.queue)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -51,6 +53,7 @@ class Agent:
         await self.host.close()
 
     def on_vm_event(self, event: dict) -> None:
+        metrics.vm_event(event)
         obj = event["object"]
         if event.get("type") == "DELETED":
             self.store.remove(obj)  # gone from this node's view: the domain is left alone
@@ -119,6 +122,7 @@ def main() -> None:
     cfg = AgentConfig.from_env()
     registry = kopf.OperatorRegistry()
     register(cfg, registry)
+    metrics.serve("agent")
     log.info("agent for node %s on %s, storage roots %s", cfg.node_name, cfg.libvirt_uri,
              ":".join(map(str, cfg.storage_roots)))
     kopf.run(registry=registry, clusterwide=True, standalone=True)

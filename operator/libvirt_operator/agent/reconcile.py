@@ -24,6 +24,7 @@ from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
 from libvirt_operator.kube import events, resources
 from libvirt_operator.kube.conditions import Cond
+from libvirt_operator.metrics import agent as metrics
 
 log = logging.getLogger(__name__)
 COMPONENT = "libvirt-operator-agent"
@@ -38,18 +39,25 @@ class Reconciler:
         self._failures: dict[Key, int] = {}
 
     async def __call__(self, key: Key) -> float | None:
+        with metrics.reconcile() as outcome:
+            return await self._handle(key, outcome)
+
+    async def _handle(self, key: Key, outcome: metrics.Pass) -> float | None:
         obj = self.store.get(key)
         if obj is None:
+            outcome.result = "gone"
             return None
         try:
             again = await self._reconcile(obj)
             self._failures.pop(key, None)
             return again
         except HypervisorError as exc:
+            outcome.result = "libvirt_error"
             log.warning("%s/%s: %s: %s", *key, exc.reason, exc.message)
             await self._report_failure(obj, exc.reason, exc.message)
             return self._backoff(key)
         except ApiException as exc:
+            outcome.result = {404: "gone", 409: "conflict"}.get(exc.status, "api_error")
             if exc.status == 404:
                 return None
             if exc.status == 409:

@@ -21,6 +21,19 @@ class WorkQueue:
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
 
+    @property
+    def depth(self) -> int:
+        """Keys waiting for a worker (for metrics)."""
+        return self._queue.qsize()
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._busy)
+
+    @property
+    def delayed(self) -> int:
+        return len(self._timers)
+
     def add(self, key: Hashable) -> None:
         if key in self._busy:
             self._dirty.add(key)

@@ -9,6 +9,7 @@ import kopf
 from libvirt_operator.api import meta
 from libvirt_operator.controller import vm_scheduling
 from libvirt_operator.controller.config import ControllerConfig
+from libvirt_operator.metrics import controller as metrics
 
 log = logging.getLogger("libvirt_operator.controller")
 
@@ -43,6 +44,7 @@ def main() -> None:
     if cfg.log_level != "DEBUG":  # kopf says "Handler ... succeeded" for every watch event
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     registry, _ = build(cfg)
+    metrics.serve("controller")
     scope = ", ".join(cfg.watch_namespaces) or "all namespaces"
     log.info("controller watching %s; agent leases in %s", scope, cfg.namespace)
     kopf.run(

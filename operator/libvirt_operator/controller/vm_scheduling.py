@@ -20,6 +20,7 @@ from libvirt_operator.api import meta
 from libvirt_operator.controller import cluster, placement, schedule_status
 from libvirt_operator.controller.placement import Decision, Reservations
 from libvirt_operator.kube import events, resources
+from libvirt_operator.metrics import controller as metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Scheduler:
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
+        metrics.track_waiting(lambda: len(self._retries))
 
     # -- entry points
 
@@ -71,6 +73,7 @@ class Scheduler:
 
     # -- one attempt
 
+    @metrics.timed_reconcile
     async def reconcile(self, key: VMKey) -> tuple[float | None, int | None]:
         """Place the VM if needed and make its status say so; returns (retry delay or None, generation)."""
         decision: Decision | None = None
@@ -82,6 +85,7 @@ class Scheduler:
             node = vm["metadata"].get("labels", {}).get(meta.NODE_LABEL)
             if not node:
                 decision = await self._decide(vm)
+                metrics.placed(decision)
                 if decision.node is not None:
                     try:
                         vm = await asyncio.to_thread(cluster.label_node, key.namespace, key.name,
@@ -193,6 +197,7 @@ async def apply_status(vm: Mapping, build: Callable[[bool], dict]) -> None:
 def register(registry: kopf.OperatorRegistry, scheduler: Scheduler) -> None:
     @kopf.on.event(meta.GROUP, meta.VERSION, resources.VMS, id="placement", registry=registry)
     async def vm_event(event: Mapping, body: kopf.Body, **_) -> None:
+        metrics.vm_event(event)
         await scheduler.on_event(event.get("type"), body)
 
     @kopf.on.cleanup(id="placement-retries", registry=registry)

@@ -1,0 +1,1 @@
+"""Command-line tools for users of the operator (the `kubectl virsh` plugin)."""
