@@ -11,6 +11,7 @@ Each for 1 VM (repeated) and for N VMs at once. Prints p50/p95 and the operator/
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,10 +31,12 @@ from localenv.cluster import install
 from localenv.controlplane import ControlPlane
 from localenv.guest import ensure_guest_image
 from localenv.nodes import start_nodes, stop_nodes
+from localenv.operator import OperatorProcesses
 
 
 def spec_dict(image) -> dict:
-    return {"domainType": "qemu", "memory": {"size": "128Mi"},
+    # shutdown force: deleting a VM whose guest is still booting then takes no ACPI timeout.
+    return {"domainType": "qemu", "memory": {"size": "128Mi"}, "shutdown": {"mode": "force"},
             "boot": {"kernel": {"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": image.cmdline}}}
 
 
@@ -133,10 +136,11 @@ def main() -> None:
         print(f"apply -> Ready vs raw libvirt define+create ({statistics.mean(raw_one) * 1000:.0f} ms mean raw)")
         print(row(f"1 VM (x{args.repeat})", raw_one, op_one))
         print(row(f"{args.burst} VMs at once", raw_burst, op_burst))
-        cluster.operator.stop()
     finally:
+        OperatorProcesses.load(world).stop()
         stop_nodes(world)
         cp.stop()
+        shutil.rmtree(world, ignore_errors=True)
 
 
 if __name__ == "__main__":

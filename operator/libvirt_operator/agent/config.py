@@ -18,7 +18,7 @@ class AgentConfig:
     console_log_dir: Path = Path("/var/log/libvirt/qemu")
     resync_seconds: float = 30.0
     heartbeat_seconds: float = 10.0
-    workers: int = 8
+    workers: int = 16
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:

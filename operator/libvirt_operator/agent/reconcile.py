@@ -37,6 +37,7 @@ class Reconciler:
         self.store = store
         self.has_kvm = False  # learned from the host's domain capabilities at startup
         self._failures: dict[Key, int] = {}
+        self._pending_events: set[asyncio.Task] = set()
 
     async def __call__(self, key: Key) -> float | None:
         with metrics.reconcile() as outcome:
@@ -292,7 +293,12 @@ class Reconciler:
             obj["metadata"]["resourceVersion"] = updated["metadata"]["resourceVersion"]
 
     async def _event(self, obj: dict, reason: str, message: str, warning: bool = False) -> None:
-        await asyncio.to_thread(events.post, obj, reason, message, warning=warning, component=COMPONENT)
+        """Post in the background: Events are advisory and must not slow a reconcile pass."""
+        snapshot = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": dict(obj["metadata"])}
+        task = asyncio.create_task(asyncio.to_thread(
+            events.post, snapshot, reason, message, warning=warning, component=COMPONENT))
+        self._pending_events.add(task)
+        task.add_done_callback(self._pending_events.discard)
 
     # -- deletion ------------------------------------------------------------------------------
 
