@@ -3,6 +3,7 @@ before and after VMs run through the real API server, libvirtd and QEMU."""
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -172,3 +173,14 @@ def test_metrics_endpoint_settings():
     for bad in ("http", "70000", "-1"):
         with pytest.raises(SystemExit, match="LVO_METRICS_PORT"):
             EndpointConfig.from_env({"LVO_METRICS_PORT": bad})
+
+
+def test_metrics_port_in_use_is_a_clear_startup_error():
+    from libvirt_operator.metrics.common import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot serve metrics on 127.0.0.1:{port}.*LVO_METRICS_PORT"):
+            serve("agent", {"LVO_METRICS_PORT": str(port), "LVO_METRICS_ADDRESS": "127.0.0.1"})

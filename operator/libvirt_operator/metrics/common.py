@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import get_args
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from libvirt_operator.api.virtualmachine import Phase
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # no *_created series: counters and histograms start with the process
 
 PREFIX = "libvirt_operator_"
 DEFAULT_PORT = 8080
@@ -129,7 +130,11 @@ def serve(component: str, env: Mapping[str, str] | None = None) -> int | None:
     if cfg.port == 0:
         log.info("metrics endpoint disabled (LVO_METRICS_PORT=0)")
         return None
-    server, _thread = start_http_server(cfg.port, addr=cfg.address, registry=REGISTRY)
+    try:
+        server, _thread = start_http_server(cfg.port, addr=cfg.address, registry=REGISTRY)
+    except OSError as exc:
+        raise SystemExit(f"cannot serve metrics on {cfg.address}:{cfg.port}: {exc.strerror or exc}; "
+                         "set LVO_METRICS_PORT to a free port, or to 0 to disable the endpoint") from exc
     port = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", cfg.address, port)
     return port
