@@ -45,7 +45,8 @@ class Controller:
 
     def __init__(self, kubeconfig: Path, log: Path):
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": OPERATOR_NS,
-                    "LVO_PLACEMENT_RETRY_SECONDS": RETRY_SECONDS, "PYTHONUNBUFFERED": "1"}
+                    "LVO_PLACEMENT_RETRY_SECONDS": RETRY_SECONDS, "PYTHONUNBUFFERED": "1",
+                    "LVO_METRICS_PORT": "0"}
         self.log = log
         self.proc: subprocess.Popen | None = None
 

@@ -237,14 +237,14 @@ class Reconciler:
         hist = power.History(phase=d.phase if d.action is not power.Action.NONE else st.get("phase"),
                              halted_generation=halted, shutdown_elapsed=hist.shutdown_elapsed)
         after = power.decide(self._desired(obj, spec), seen, hist)
-        phase = after.phase
+        phase, converged, reason = after.phase, after.converged, after.reason
         if d.action in (power.Action.START, power.Action.START_PAUSED) and not active:
-            phase = "Starting"
+            phase, converged, reason = "Starting", False, "Starting"
         stopping = active and (spec.power_state == "Stopped" or deleting)
         failure = Cond("Failure", True, "ShutdownTimeout", after.message) if after.timed_out else None
         report = status.Report(
             phase=phase, generation=gen,
-            ready=Cond("Ready", after.converged and failure is None, after.reason, after.message),
+            ready=Cond("Ready", converged and failure is None, reason, after.message),
             domain={"name": guest.name, "uuid": guest.uuid},
             agent_connected=await self._agent_condition(spec, guest, active),
             failure=failure, halted_generation=halted,
