@@ -12,121 +12,75 @@
 --   anything else (starting, stopping, ...)         Progressing
 -- A VM paused or stopped because its spec says so is Healthy, not Suspended: it has reached
 -- its declared state, and Argo CD holds a multi-wave sync open until a resource is Healthy.
-
-local function find_condition(status, kind)
-  if status.conditions == nil then
-    return nil
-  end
-  for _, c in ipairs(status.conditions) do
-    if c.type == kind then
-      return c
-    end
-  end
-  return nil
-end
-
-local function explain(c)
-  local text = c.reason or "Unknown"
-  if c.message ~= nil and c.message ~= "" then
-    text = text .. ": " .. c.message
-  end
-  return text
-end
-
-hs = {}
-local generation = obj.metadata.generation or 1
-local status = obj.status
+-- Runs after the prelude in _common.lua (hs, generation, status, failure, ready and the helpers).
 
 if obj.metadata.deletionTimestamp ~= nil then
-  hs.status = "Progressing"
-  hs.message = "Being deleted"
-  return hs
+  return answer("Progressing", "Being deleted")
 end
 
 if status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the controller to place the VM"
-  return hs
+  return answer("Progressing", "Waiting for the controller to place the VM")
 end
 
 local scheduled = find_condition(status, "Scheduled")
 if scheduled ~= nil and scheduled.status == "False" then
   if scheduled.observedGeneration ~= nil and scheduled.observedGeneration < generation then
-    hs.status = "Progressing"
-    hs.message = "Waiting for the controller to place generation " .. generation
-  else
-    hs.status = "Degraded"
-    hs.message = "Not scheduled: " .. explain(scheduled)
+    return answer("Progressing", "Waiting for the controller to place generation " .. generation)
   end
-  return hs
+  return answer("Degraded", "Not scheduled: " .. explain(scheduled))
 end
 
 if status.observedGeneration == nil or status.observedGeneration < generation then
-  hs.status = "Progressing"
-  if status.observedGeneration == nil then
-    hs.message = "Waiting for the node agent"
-  else
-    hs.message = "Waiting for the node agent to act on generation " .. generation ..
+  local message = "Waiting for the node agent"
+  if status.observedGeneration ~= nil then
+    message = "Waiting for the node agent to act on generation " .. generation ..
       " (observed " .. status.observedGeneration .. ")"
   end
   if status.nodeName ~= nil then
-    hs.message = hs.message .. " on " .. status.nodeName
+    message = message .. " on " .. status.nodeName
   end
-  return hs
+  return answer("Progressing", message)
 end
 
-local failure = find_condition(status, "Failure")
-if failure ~= nil and failure.status == "True" then
-  hs.status = "Degraded"
-  hs.message = explain(failure)
-  return hs
+if is_true(failure) then
+  return answer("Degraded", explain(failure))
+end
+
+-- with a reason when Ready has one: "<phase>: <reason>: <message>"
+local function phase_and_ready(phase)
+  if ready ~= nil then
+    return phase .. ": " .. explain(ready)
+  end
+  return phase
 end
 
 local phase = status.phase or "Unknown"
-local ready = find_condition(status, "Ready")
 local transitional = { Pending = true, Scheduled = true, Starting = true, Stopping = true, Terminating = true }
 if transitional[phase] then
-  hs.status = "Progressing"
-  if ready ~= nil and ready.status ~= "True" then
-    hs.message = phase .. ": " .. explain(ready)
-  else
-    hs.message = phase
+  if ready ~= nil and not is_true(ready) then
+    return answer("Progressing", phase_and_ready(phase))
   end
-  return hs
+  return answer("Progressing", phase)
 end
 
-if ready ~= nil and ready.status == "True" then
-  hs.status = "Healthy"
+if is_true(ready) then
   if phase == "Running" and status.nodeName ~= nil then
-    hs.message = "Running on " .. status.nodeName
+    return answer("Healthy", "Running on " .. status.nodeName)
   elseif phase == "Running" then
-    hs.message = "Running"
-  else
-    hs.message = phase .. " as the spec asks"
+    return answer("Healthy", "Running")
   end
-  return hs
+  return answer("Healthy", phase .. " as the spec asks")
 end
 
 if status.haltedGeneration ~= nil and status.haltedGeneration == generation then
-  hs.status = "Degraded"
   if ready ~= nil then
-    hs.message = "Stopped on its own: " .. explain(ready)
-  else
-    hs.message = "Stopped on its own; it stays stopped until the spec changes"
+    return answer("Degraded", "Stopped on its own: " .. explain(ready))
   end
-  return hs
+  return answer("Degraded", "Stopped on its own; it stays stopped until the spec changes")
 end
 
 if ready ~= nil and ready.reason == "PausedByHypervisor" then
-  hs.status = "Degraded"
-  hs.message = explain(ready)
-  return hs
+  return answer("Degraded", explain(ready))
 end
 
-hs.status = "Progressing"
-if ready ~= nil then
-  hs.message = phase .. ": " .. explain(ready)
-else
-  hs.message = phase
-end
-return hs
+return answer("Progressing", phase_and_ready(phase))

@@ -1,5 +1,9 @@
-"""The Argo CD health checks (argocd/health/*.lua) under a real Lua 5.1 interpreter (Argo CD runs
-gopher-lua, a Lua 5.1), against status objects as the operator writes them.
+"""The Argo CD health checks under a real Lua 5.1 interpreter (Argo CD runs gopher-lua, a Lua 5.1),
+against status objects as the operator writes them.
+
+The scripts run are the ones argocd/argocd-cm-patch.yaml carries, as Argo CD reads them: each key is
+the shared prelude argocd/health/_common.lua followed by argocd/health/<Kind>.lua, assembled by
+argocd/build_cm_patch.py; the patch tests fail while the file is stale.
 
 VirtualMachine statuses are rendered by the real code: the controller's schedule_status, the
 agent's power.decide and status.render. The other kinds have no writer yet: their statuses are
@@ -9,7 +13,9 @@ validated against the API's pydantic status models.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import lupa.lua51 as lua51
@@ -26,16 +32,34 @@ from libvirt_operator.controller import placement, schedule_status
 from libvirt_operator.kube.conditions import Cond
 
 REPO = Path(__file__).resolve().parents[2]
-HEALTH = REPO / "argocd" / "health"
+PATCH = REPO / "argocd" / "argocd-cm-patch.yaml"
 KINDS = ("VirtualMachine", "VMSnapshot", "VMMigration", "VMQosPolicy")
 STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
 
+def cm_key(kind: str) -> str:
+    return f"resource.customizations.health.virt.libvirt-operator.io_{kind}"
+
+
+@functools.cache
+def cm_patch() -> dict:
+    return yaml.safe_load(PATCH.read_text())
+
+
+@functools.cache
+def generator():
+    spec = importlib.util.spec_from_file_location("build_cm_patch", REPO / "argocd" / "build_cm_patch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def health(kind: str, obj: dict) -> tuple[str, str]:
-    """Run the kind's script as Argo CD does: the resource in the global `obj`, `hs` returned."""
+    """Run the kind's script from the ConfigMap as Argo CD does: the resource in the global `obj`,
+    `hs` returned."""
     lua = lua51.LuaRuntime()
     lua.globals().obj = lua.table_from(copy.deepcopy(obj), recursive=True)
-    hs = lua.execute((HEALTH / f"{kind}.lua").read_text())
+    hs = lua.execute(cm_patch()["data"][cm_key(kind)])
     assert hs is not None, "the script must return hs"
     st, message = hs["status"], hs["message"]
     assert st in STATUSES and isinstance(message, str) and message
@@ -44,19 +68,33 @@ def health(kind: str, obj: dict) -> tuple[str, str]:
 
 # -- the ConfigMap patch ------------------------------------------------------------------------
 
-def test_cm_patch_carries_each_script_under_argo_cd_key():
-    doc = yaml.safe_load((REPO / "argocd" / "argocd-cm-patch.yaml").read_text())
+def test_cm_patch_carries_each_assembled_script_under_argo_cd_key():
+    doc = cm_patch()
     assert (doc["kind"], doc["metadata"]["name"]) == ("ConfigMap", "argocd-cm")
-    expected = {f"resource.customizations.health.virt.libvirt-operator.io_{k}": (HEALTH / f"{k}.lua").read_text()
-                for k in KINDS}
+    health_dir = REPO / "argocd" / "health"
+    prelude = (health_dir / "_common.lua").read_text()
+    expected = {cm_key(k): prelude + "\n" + (health_dir / f"{k}.lua").read_text() for k in KINDS}
     assert doc["data"] == expected, "argocd-cm-patch.yaml is stale: run python argocd/build_cm_patch.py"
+    assert {cm_key(k): generator().script(k) for k in KINDS} == expected
 
 
 def test_cm_patch_generator_reproduces_the_file():
-    spec = importlib.util.spec_from_file_location("build_cm_patch", REPO / "argocd" / "build_cm_patch.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.render() == (REPO / "argocd" / "argocd-cm-patch.yaml").read_text()
+    assert generator().render() == PATCH.read_text()
+    assert generator().main(["--check"]) == 0
+
+
+def test_cm_patch_check_mode_fails_when_stale(tmp_path, monkeypatch):
+    stale = tmp_path / "argocd-cm-patch.yaml"
+    stale.write_text(PATCH.read_text().replace("Being deleted", "Being removed"))
+    monkeypatch.setattr(generator(), "PATCH", stale)
+    assert generator().main(["--check"]) == 1
+
+
+def test_each_script_is_standalone():
+    # Argo CD has no require: the prelude must be inlined, and the kind rules must not load modules.
+    for kind in KINDS:
+        script = cm_patch()["data"][cm_key(kind)]
+        assert not re.search(r"\brequire\s*[(\"']", script) and "local function find_condition" in script
 
 
 # -- VirtualMachine -----------------------------------------------------------------------------
