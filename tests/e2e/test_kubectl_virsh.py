@@ -104,8 +104,9 @@ def test_reboot_agent_runs_once_per_call(virsh, vms, cluster, vm_name):
 
 
 def test_start_after_the_guest_stopped_on_its_own(virsh, vms, cluster, vm_name):
-    vm = running(vms, cluster, vm_name, restartPolicy="Never")
-    vms.domain(vm).shutdown()  # from outside the operator: the guest powers itself off
+    vm = with_agent(vms, running(vms, cluster, vm_name, restartPolicy="Never")["metadata"]["name"])
+    # From outside the operator, through the guest agent: the guest powers itself off.
+    vms.domain(vm).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
     vm = vms.wait(vm_name, lambda v: v["status"].get("haltedGeneration") == v["metadata"]["generation"],
                   "the VM halted at its generation", 60)
     st, message = health("VirtualMachine", vm)
