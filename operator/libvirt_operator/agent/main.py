@@ -25,7 +25,9 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         self.store = VMStore()
-        self.host = Host(cfg.libvirt_uri)
+        # One libvirt thread per reconcile worker (plus spares for event-driven lookups), so a
+        # burst of VM starts is not queued behind a smaller thread pool.
+        self.host = Host(cfg.libvirt_uri, workers=cfg.workers + 8)
         self.reconciler = Reconciler(cfg, metrics.timed_host(self.host), self.store)
         self.queue = WorkQueue(self.reconciler, workers=cfg.workers)
         metrics.track(cfg.node_name, self.queue)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from kubernetes import client
@@ -21,16 +22,18 @@ class Snapshot:
     nodes: list[Node]
     alive: set[str]
     vms: list[VMRef]  # every VM of every namespace, placed or not
+    read_at: float = 0.0  # monotonic time the reading started
 
 
 def read(pinned_node: str | None, operator_namespace: str) -> Snapshot:
     """The nodes a VM could go to (just its pinned node, if any), live agents, and all VMs."""
+    began = time.monotonic()
     if pinned_node:
         nodes = [n for n in [_get_node(pinned_node)] if n is not None]
     else:
         nodes = [node_of(n) for n in core().list_node(label_selector=f"{meta.LIBVIRT_NODE_LABEL}=true").items]
     alive = leases.alive_nodes(operator_namespace)
-    return Snapshot(nodes, alive, [vm_ref(vm) for vm in resources.list_all(resources.VMS)])
+    return Snapshot(nodes, alive, [vm_ref(vm) for vm in resources.list_all(resources.VMS)], began)
 
 
 def node_of(node: client.V1Node) -> Node:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -77,21 +78,26 @@ class Reservations:
     """VMs this controller labelled but that a later listing may not show as placed yet."""
 
     by_uid: dict[str, VMRef] = field(default_factory=dict)
+    made_at: dict[str, float] = field(default_factory=dict)  # monotonic time of each reservation
 
-    def add(self, vm: VMRef) -> None:
+    def add(self, vm: VMRef, at: float = 0.0) -> None:
         self.by_uid[vm.uid] = vm
+        self.made_at[vm.uid] = at
 
-    def combine(self, listed: Iterable[VMRef]) -> list[VMRef]:
+    def combine(self, listed: Iterable[VMRef], listed_at: float = math.inf) -> list[VMRef]:
         """Placed VMs = listed ones with a node + reservations the listing does not confirm yet.
 
-        A reservation is dropped once the listing shows its VM placed, or no longer shows the VM.
+        A reservation is dropped once a listing started after it shows its VM placed, or no
+        longer shows the VM (an older, cached listing cannot judge it).
         """
         listed = list(listed)
         seen = {vm.uid: vm for vm in listed}
         for uid in list(self.by_uid):
-            if uid not in seen or seen[uid].node is not None:
-                del self.by_uid[uid]
-        return [vm for vm in listed if vm.node] + list(self.by_uid.values())
+            fresher = listed_at > self.made_at[uid]
+            if fresher and (uid not in seen or seen[uid].node is not None):
+                del self.by_uid[uid], self.made_at[uid]
+        reserved = set(self.by_uid)
+        return [vm for vm in listed if vm.node and vm.uid not in reserved] + list(self.by_uid.values())
 
 
 def used_memory(placed: Iterable[VMRef]) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from libvirt_operator.metrics import controller as metrics
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 0.2
+SNAPSHOT_REUSE_SECONDS = 1.0  # even within a burst, read afresh after this long
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class Scheduler:
         self.retry_seconds = retry_seconds
         self._lock = asyncio.Lock()  # one placement decision at a time
         self._reservations = Reservations()
+        # A burst of VMs waiting for the lock is placed from one reading of nodes, leases and VMs
+        # (our own placements since then count through the reservations); a burst ends when the
+        # lock is released with nobody waiting, and the next decision reads afresh.
+        self._snapshots: dict[str | None, cluster.Snapshot] = {}  # by pinned node, this burst only
+        self._waiting = 0
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
@@ -77,26 +84,32 @@ class Scheduler:
     async def reconcile(self, key: VMKey) -> tuple[float | None, int | None]:
         """Place the VM if needed and make its status say so; returns (retry delay or None, generation)."""
         decision: Decision | None = None
-        async with self._lock:
-            vm = await asyncio.to_thread(resources.get, resources.VMS, key.namespace, key.name)
-            if vm is None or vm["metadata"]["uid"] != key.uid or not schedule_status.needs_work(vm):
-                return None, None
-            generation = vm["metadata"].get("generation")
-            node = vm["metadata"].get("labels", {}).get(meta.NODE_LABEL)
-            if not node:
-                decision = await self._decide(vm)
-                metrics.placed(decision)
-                if decision.node is not None:
-                    try:
-                        vm = await asyncio.to_thread(cluster.label_node, key.namespace, key.name,
-                                                     decision.node, vm["metadata"]["resourceVersion"])
-                    except ApiException as exc:
-                        if exc.status == 409:  # changed meanwhile: decide again on the new version
-                            return CONFLICT_RETRY_SECONDS, generation
-                        raise
-                    self._reservations.add(placement.vm_ref(vm))
-                    node = decision.node
-                    log.info("placed %s/%s on node %s: %s", key.namespace, key.name, node, decision.message)
+        vm = await asyncio.to_thread(resources.get, resources.VMS, key.namespace, key.name)
+        if vm is None or vm["metadata"]["uid"] != key.uid or not schedule_status.needs_work(vm):
+            return None, None
+        generation = vm["metadata"].get("generation")
+        node = vm["metadata"].get("labels", {}).get(meta.NODE_LABEL)
+        self._waiting += 1
+        async with self._lock:  # the label patch below is conditional on this VM's resourceVersion
+            self._waiting -= 1
+            try:
+                if not node:
+                    decision = await self._decide(vm)
+                    metrics.placed(decision)
+                    if decision.node is not None:
+                        try:
+                            vm = await asyncio.to_thread(cluster.label_node, key.namespace, key.name,
+                                                         decision.node, vm["metadata"]["resourceVersion"])
+                        except ApiException as exc:
+                            if exc.status == 409:  # changed meanwhile: decide again on the new version
+                                return CONFLICT_RETRY_SECONDS, generation
+                            raise
+                        self._reservations.add(placement.vm_ref(vm), time.monotonic())
+                        node = decision.node
+                        log.info("placed %s/%s on node %s: %s", key.namespace, key.name, node, decision.message)
+            finally:
+                if self._waiting == 0:
+                    self._snapshots.clear()  # end of the burst
         if node:
             await self._report_scheduled(vm, node, decision)
             return None, generation
@@ -105,8 +118,11 @@ class Scheduler:
 
     async def _decide(self, vm: dict) -> Decision:
         ref = placement.vm_ref(vm)
-        snap = await asyncio.to_thread(cluster.read, ref.pinned_node, self.operator_namespace)
-        placed = self._reservations.combine(snap.vms)
+        snap = self._snapshots.get(ref.pinned_node)
+        if snap is None or time.monotonic() - snap.read_at > SNAPSHOT_REUSE_SECONDS:
+            snap = await asyncio.to_thread(cluster.read, ref.pinned_node, self.operator_namespace)
+            self._snapshots[ref.pinned_node] = snap
+        placed = self._reservations.combine(snap.vms, snap.read_at)
         return placement.decide(ref, snap.nodes, snap.alive, placed)
 
     # -- status and Events

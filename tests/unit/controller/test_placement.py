@@ -129,3 +129,12 @@ def test_vm_ref_reads_the_wire_form():
 def test_human_bytes():
     assert [p.human_bytes(n) for n in (512, 2048, 1536 * 2**20, 3 * GI, 2**40 + 2**39)] == [
         "512", "2Ki", "1.5Gi", "3Gi", "1.5Ti"]
+
+
+def test_a_cached_listing_older_than_a_reservation_keeps_it():
+    r = Reservations()
+    r.add(vm("x", 2 * GI, node="a"), at=10.0)
+    # A listing read before the placement (reused from a cache) neither shows x nor confirms it.
+    assert p.used_memory(r.combine([], listed_at=9.0)) == {"a": 2 * GI}
+    # A listing read after it that no longer shows x drops the reservation.
+    assert p.used_memory(r.combine([], listed_at=11.0)) == {}
