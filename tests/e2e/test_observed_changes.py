@@ -15,6 +15,8 @@ def _boot(vms, cluster, name, **spec):
     vms.create(manifest(cluster, name, **spec))
     vm = vms.wait_phase(name, "Running")
     vms.wait(name, lambda v: condition(v, "AgentConnected").get("status") == "True", "AgentConnected", 60)
+    # The console log lags the guest a little: see the marker before anything kills QEMU.
+    vms.wait(name, lambda v: vms.boots(v) >= 1, "the ready marker in the console log", 30)
     return vm
 
 
