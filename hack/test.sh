@@ -10,6 +10,6 @@ export PATH="$REPO_DIR/.venv/bin:$PATH"
 log "ruff"
 ruff check .
 log "import layering"
-lint-imports --config pyproject.toml
+lint-imports
 log "pytest"
 exec pytest "$@"

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-LIBVIRT_NODE_LABEL = "virt.libvirt-operator.io/libvirt-node"
+from libvirt_operator.api.meta import LIBVIRT_NODE_LABEL
+
 # Added by the TaintNodesByCondition admission plugin at creation; a kubelet's
 # Ready report would make the node-lifecycle controller remove it.
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"

@@ -14,6 +14,7 @@ from libvirt_operator.agent import power, requests, status, storage
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
+from libvirt_operator.api.base import utcnow
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain.addresses import carry_over_addresses
 from libvirt_operator.domain.config import DomainConfig
@@ -22,7 +23,7 @@ from libvirt_operator.domain.render import render_domain
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
-from libvirt_operator.kube import events, resources
+from libvirt_operator.kube import conditions, events, resources
 from libvirt_operator.kube.conditions import Cond
 from libvirt_operator.metrics import agent as metrics
 
@@ -218,7 +219,7 @@ class Reconciler:
                 await guest.resume()
             await guest.shutdown(spec.shutdown.mode)
             obj.setdefault("status", {})["shutdown"] = {
-                "mode": spec.shutdown.mode, "requestedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                "mode": spec.shutdown.mode, "requestedAt": utcnow()}
             await self._event(obj, "ShuttingDown", f"{spec.shutdown.mode} shutdown requested")
         elif d.action is A.DESTROY:
             await guest.destroy()
@@ -267,7 +268,7 @@ class Reconciler:
     async def _report_failure(self, obj: dict, reason: str, message: str, guest: Guest | None = None) -> None:
         st = obj.get("status") or {}
         gen = obj["metadata"].get("generation", 1)
-        previous = next((c for c in st.get("conditions") or [] if c["type"] == "Failure"), {})
+        previous = conditions.find(st, "Failure") or {}
         fresh = st.get("observedGeneration") != gen or previous.get("reason") != reason
         spec = VirtualMachineSpec.model_validate(obj["spec"])
         guest = guest or await self.host.lookup(obj["metadata"]["uid"])

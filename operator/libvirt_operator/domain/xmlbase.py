@@ -131,8 +131,16 @@ def _insert_ordered(parent: ET.Element, child: ET.Element, order: tuple[str, ...
 
 
 class _Descriptor:
+    """Maps a Python value to XML text; subclasses override decode/encode for typed values."""
+
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+
+    def decode(self, raw: str) -> Any:
+        return raw
+
+    def encode(self, value: Any) -> str:
+        return str(value)
 
 
 class Attr(_Descriptor):
@@ -141,12 +149,6 @@ class Attr(_Descriptor):
 
     def __init__(self, attr: str, path: str | None = None) -> None:
         self.attr, self.path = attr, path
-
-    def decode(self, raw: str) -> Any:
-        return raw
-
-    def encode(self, value: Any) -> str:
-        return str(value)
 
     def __get__(self, obj: XMLElement | None, owner: type) -> Any:
         if obj is None:
@@ -216,12 +218,6 @@ class Text(_Descriptor):
 
     def __init__(self, path: str) -> None:
         self.path = path
-
-    def decode(self, raw: str) -> Any:
-        return raw
-
-    def encode(self, value: Any) -> str:
-        return str(value)
 
     def __get__(self, obj: XMLElement | None, owner: type) -> Any:
         if obj is None:

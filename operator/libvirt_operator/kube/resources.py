@@ -38,11 +38,6 @@ def merge_patch(plural: str, namespace: str, name: str, patch: dict) -> dict:
     )
 
 
-def json_patch(plural: str, namespace: str, name: str, ops: list[dict]) -> dict:
-    """RFC 6902 patch; a failing `test` op raises ApiException 422 (used for compare-and-swap)."""
-    return _call("PATCH", _path(plural, namespace, name), ops, "application/json-patch+json")
-
-
 def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str,
                  force: bool = True) -> dict:
     """Server-side apply of the status fields this manager owns (others' fields stay).
