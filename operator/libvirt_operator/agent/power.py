@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 UP_PHASES = {"Running", "Paused", "Starting"}
 ACTIVE_STATES = {"running", "paused", "blocked", "pmsuspended", "shutdown"}
@@ -77,6 +77,18 @@ def decide(want: Desired, seen: Observed, past: History) -> Decision:
     return Decision(Action.NONE, "Running", True, "Running")
 
 
+def reassess(want: Desired, seen: Observed, done: Decision, past: History) -> Decision:
+    """Phase and readiness once `done` was carried out and the domain observed again.
+
+    `halt` is set when the VM halted: by `done`, or during the pass (the domain stopped
+    after the first observation), so that the halt is recorded either way."""
+    hist = History(phase=done.phase if done.action is not Action.NONE else past.phase,
+                   halted_generation=want.generation if done.halt else past.halted_generation,
+                   shutdown_elapsed=past.shutdown_elapsed)
+    after = decide(want, seen, hist)
+    return replace(after, halt=True) if done.halt else after
+
+
 def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decision:
     start = Action.START_PAUSED if paused else Action.START
     target = "Paused" if paused else "Running"
@@ -84,7 +96,8 @@ def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decisi
         return Decision(Action.NONE, "Stopped", False, _halt_reason(seen),
                         f"the VM stopped on its own ({seen.state}/{seen.reason}); restartPolicy "
                         f"{want.restart_policy} keeps it stopped until the spec changes")
-    was_up = past.phase in UP_PHASES
+    # A guest shutting down on its own shows as Stopping with no shutdown of ours on record.
+    was_up = past.phase in UP_PHASES or (past.phase == "Stopping" and past.shutdown_elapsed is None)
     if not was_up:
         return Decision(start, target, True, target)
     guest_shutdown = seen.reason == "shutdown" and seen.state != "crashed"

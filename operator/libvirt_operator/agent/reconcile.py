@@ -232,12 +232,9 @@ class Reconciler:
         gen = obj["metadata"].get("generation", 1)
         deleting = bool(obj["metadata"].get("deletionTimestamp"))
         active = seen.state in power.ACTIVE_STATES
-        halted = gen if d.halt or st.get("haltedGeneration") == gen else None
-        # Re-derive phase and readiness from what we see after acting.
-        hist = self._history(st)
-        hist = power.History(phase=d.phase if d.action is not power.Action.NONE else st.get("phase"),
-                             halted_generation=halted, shutdown_elapsed=hist.shutdown_elapsed)
-        after = power.decide(self._desired(obj, spec), seen, hist)
+        was_halted = st.get("haltedGeneration") == gen
+        after = power.reassess(self._desired(obj, spec), seen, d, self._history(st))
+        halted = gen if was_halted or after.halt else None
         phase, converged, reason = after.phase, after.converged, after.reason
         if d.action in (power.Action.START, power.Action.START_PAUSED) and not active:
             phase, converged, reason = "Starting", False, "Starting"
@@ -252,8 +249,8 @@ class Reconciler:
             shutdown=st.get("shutdown") if stopping else None, requests=outcomes,
         )
         await self._write(obj, report)
-        if d.halt:
-            await self._event(obj, d.reason, d.message, warning=True)
+        if after.halt and not was_halted:
+            await self._event(obj, after.reason, after.message, warning=True)
         return after.requeue if after.requeue is not None else d.requeue
 
     async def _agent_condition(self, spec: VirtualMachineSpec, guest: Guest, active: bool) -> Cond | None:

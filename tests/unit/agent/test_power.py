@@ -2,7 +2,7 @@
 
 import pytest
 
-from libvirt_operator.agent.power import Action, Desired, History, Observed, decide
+from libvirt_operator.agent.power import Action, Desired, History, Observed, decide, reassess
 
 
 def want(power="Running", policy="OnFailure", mode="acpi", timeout=60.0, force=False, gen=1, deleting=False):
@@ -38,6 +38,38 @@ def test_halted_vm_stays_stopped_until_the_spec_changes():
     halted = History(phase="Stopped", halted_generation=3)
     assert decide(want(gen=3), Observed("shutoff", "shutdown"), halted).action is Action.NONE
     assert decide(want(gen=4), Observed("shutoff", "shutdown"), halted).action is Action.START
+
+
+def test_guest_seen_shutting_down_then_off_follows_restart_policy():
+    # A pass saw the domain in state "shutdown" (the guest powering off) and reported Stopping.
+    shutting = decide(want(), Observed("shutdown", "user"), History(phase="Running"))
+    assert shutting.action is Action.NONE and shutting.phase == "Stopping"
+    d = decide(want(), Observed("shutoff", "shutdown"), History(phase="Stopping"))
+    assert d.action is Action.NONE and d.halt and d.reason == "GuestShutdown"
+
+
+def test_vm_stopped_by_our_shutdown_starts_when_the_spec_flips_back():
+    d = decide(want(gen=2), Observed("shutoff", "shutdown"), History(phase="Stopping", shutdown_elapsed=4))
+    assert d.action is Action.START
+
+
+def test_domain_that_stops_during_a_pass_is_recorded_as_halted():
+    # First look: running, nothing to do; second look, after acting: the guest has powered off.
+    done = decide(want(gen=3), RUNNING, History(phase="Running"))
+    after = reassess(want(gen=3), Observed("shutoff", "shutdown"), done, History(phase="Running"))
+    assert after.halt and after.phase == "Stopped" and after.reason == "GuestShutdown"
+
+
+def test_halt_decided_before_acting_stays_recorded_after():
+    done = decide(want(gen=3), Observed("shutoff", "shutdown"), History(phase="Running"))
+    after = reassess(want(gen=3), Observed("shutoff", "shutdown"), done, History(phase="Running"))
+    assert done.halt and after.halt and after.action is Action.NONE and after.phase == "Stopped"
+
+
+def test_halted_vm_is_not_halted_again():
+    past = History(phase="Stopped", halted_generation=3)
+    done = decide(want(gen=3), Observed("shutoff", "shutdown"), past)
+    assert not reassess(want(gen=3), Observed("shutoff", "shutdown"), done, past).halt
 
 
 def test_vm_stopped_on_request_starts_again_when_asked():
