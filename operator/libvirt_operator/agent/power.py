@@ -86,7 +86,11 @@ def reassess(want: Desired, seen: Observed, done: Decision, past: History) -> De
                    halted_generation=want.generation if done.halt else past.halted_generation,
                    shutdown_elapsed=past.shutdown_elapsed)
     after = decide(want, seen, hist)
-    return replace(after, halt=True) if done.halt else after
+    if done.halt:
+        after = replace(after, halt=True)
+    if done.action in (Action.START, Action.START_PAUSED) and seen.state not in ACTIVE_STATES:
+        after = replace(after, phase="Starting", converged=False, reason="Starting")
+    return after
 
 
 def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decision:

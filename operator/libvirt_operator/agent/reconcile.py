@@ -235,14 +235,11 @@ class Reconciler:
         was_halted = st.get("haltedGeneration") == gen
         after = power.reassess(self._desired(obj, spec), seen, d, self._history(st))
         halted = gen if was_halted or after.halt else None
-        phase, converged, reason = after.phase, after.converged, after.reason
-        if d.action in (power.Action.START, power.Action.START_PAUSED) and not active:
-            phase, converged, reason = "Starting", False, "Starting"
         stopping = active and (spec.power_state == "Stopped" or deleting)
         failure = Cond("Failure", True, "ShutdownTimeout", after.message) if after.timed_out else None
         report = status.Report(
-            phase=phase, generation=gen,
-            ready=Cond("Ready", converged and failure is None, reason, after.message),
+            phase=after.phase, generation=gen,
+            ready=Cond("Ready", after.converged and failure is None, after.reason, after.message),
             domain={"name": guest.name, "uuid": guest.uuid},
             agent_connected=await self._agent_condition(spec, guest, active),
             failure=failure, halted_generation=halted,

@@ -113,3 +113,9 @@ def test_hypervisor_pause_is_reported_not_overridden():
 def test_stopped_vm_that_should_stop_is_converged():
     d = decide(want("Stopped"), Observed("shutoff", "shutdown"), History(phase="Stopping", shutdown_elapsed=3))
     assert d.action is Action.NONE and d.converged and d.phase == "Stopped"
+
+
+def test_started_domain_not_yet_active_is_reported_starting():
+    done = decide(want(), Observed("shutoff", "unknown"), History(phase="Scheduled"))
+    after = reassess(want(), Observed("shutoff", "unknown"), done, History(phase="Scheduled"))
+    assert (after.phase, after.converged, after.reason) == ("Starting", False, "Starting")
