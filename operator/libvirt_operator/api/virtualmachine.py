@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -21,21 +21,41 @@ from libvirt_operator.api.base import (
 )
 
 PowerState = Literal["Running", "Stopped", "Paused"]
+# A host CPU list as virsh writes it: "0-3,6".
+CpuSet = Annotated[str, Field(pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$", max_length=256)]
+PciAddress = Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$",
+                                  description="Host PCI address, domain:bus:slot.function, e.g. 0000:03:00.1.")]
+UsbId = Annotated[str, Field(pattern=r"^0x[0-9a-f]{4}$", description="USB vendor or product id, e.g. 0x0781.")]
 Phase = Literal[
     "Pending", "Scheduled", "Starting", "Running", "Paused", "Stopping", "Stopped", "Failed", "Terminating"
 ]
+
+
+class VcpuPin(ApiModel):
+    vcpu: int = Field(ge=0, le=255, description="vCPU number (0-based).")
+    cpuset: CpuSet = Field(description="Host CPUs this vCPU may run on, e.g. 0-1,3.")
+
+
+class CpuPinning(ApiModel):
+    vcpus: list[VcpuPin] = Field(default_factory=list, max_length=256, json_schema_extra={
+        "default": [], "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["vcpu"]})
+    emulator: CpuSet | None = Field(None, description="Host CPUs for QEMU's emulator threads.")
 
 
 class CPU(ApiModel):
     model_config = {"json_schema_extra": validations(
         cel("!has(self.maxVcpus) || self.maxVcpus >= self.vcpus",
             "maxVcpus must be at least vcpus", field_path=".maxVcpus"),
+        cel("!has(self.pinning) || "
+            "self.pinning.vcpus.all(p, p.vcpu < (has(self.maxVcpus) ? self.maxVcpus : self.vcpus))",
+            "cpu.pinning.vcpus names a vCPU at or above maxVcpus", field_path=".pinning.vcpus"),
     )}
 
     vcpus: int = Field(1, ge=1, le=256, description="vCPUs online at boot.")
     max_vcpus: int | None = Field(
         None, ge=1, le=256, description="Ceiling for vCPU hot-add; defaults to vcpus (no hot-add)."
     )
+    pinning: CpuPinning | None = Field(None, description="vCPU and emulator pinning to host CPUs (live).")
 
 
 class Memory(ApiModel):
@@ -66,12 +86,23 @@ class Boot(ApiModel):
     )
 
 
+_BUS = "(has(self.bus) ? self.bus : (self.device == 'cdrom' ? 'sata' : 'virtio'))"
+_TARGET_PREFIX = f"({_BUS} == 'virtio' ? 'vd' : ({_BUS} == 'ide' ? 'hd' : 'sd'))"
+
+
 class Disk(ApiModel):
     model_config = {"json_schema_extra": validations(
         cel("self.device == 'cdrom' || has(self.path)", "a disk of device 'disk' needs a path",
             reason="FieldValueRequired", field_path=".path"),
         cel("self.device != 'cdrom' || !has(self.bus) || self.bus in ['sata', 'scsi', 'ide', 'usb']",
             "a cdrom must be on bus sata, scsi, ide or usb", field_path=".bus"),
+        cel("!has(self.target) || self.target.startsWith(" + _TARGET_PREFIX + ")",
+            "target does not fit the bus: virtio disks are vd*, ide hd*, sata/scsi/usb sd*", field_path=".target"),
+        cel("!has(self.size) || self.device == 'disk'", "only a disk of device 'disk' has a size",
+            field_path=".size"),
+        cel("!has(oldSelf.size) || (has(self.size) && quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0)",
+            "disks[].size cannot shrink (QEMU would cut off data under the guest's filesystem); "
+            "see the README for the safe way to shrink a disk", field_path=".size"),
     )}
 
     name: DnsLabel = Field(description="Unique name of the disk in this VM.")
@@ -87,24 +118,45 @@ class Disk(ApiModel):
     target: str | None = Field(None, pattern=r"^(vd|sd|hd)[a-z]{1,2}$",
                                description="Guest device name; assigned by bus order when empty.")
     read_only: bool = False
+    size: Quantity | None = Field(
+        None, description="Virtual size of the image; raising it grows the disk online. It never shrinks.")
 
 
 class Interface(ApiModel):
     model_config = {"json_schema_extra": validations(
-        cel("self.type == 'user' || has(self.source)",
+        cel("self.type in ['user', 'hostdev'] || has(self.source)",
             "interfaces of type network or bridge need a source", reason="FieldValueRequired",
             field_path=".source"),
+        cel("(self.type == 'hostdev') == has(self.pciAddress)",
+            "an interface of type hostdev (SR-IOV VF) needs pciAddress, and only it has one",
+            field_path=".pciAddress"),
     )}
 
     name: DnsLabel = Field(description="Unique name of the interface in this VM.")
-    type: Literal["network", "bridge", "user"] = Field(
-        "network", description="libvirt network, host bridge, or user-mode networking."
+    type: Literal["network", "bridge", "user", "hostdev"] = Field(
+        "network", description="libvirt network, host bridge, user-mode networking, or an SR-IOV VF (hostdev)."
     )
     source: str | None = Field(None, min_length=1, max_length=253,
                                description="Network name or bridge name.")
     mac: str | None = Field(None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$",
                             description="Lower-case MAC; generated when empty.")
     model: Literal["virtio", "e1000", "e1000e", "rtl8139"] = "virtio"
+    pci_address: PciAddress | None = Field(None, description="The VF's host PCI address (type hostdev).")
+
+
+class HostDevice(ApiModel):
+    model_config = {"json_schema_extra": validations(
+        cel("self.type != 'pci' || (has(self.address) && !has(self.vendor) && !has(self.product))",
+            "a pci host device needs address (and no vendor/product)", field_path=".address"),
+        cel("self.type != 'usb' || (has(self.vendor) && has(self.product) && !has(self.address))",
+            "a usb host device needs vendor and product (and no address)", field_path=".vendor"),
+    )}
+
+    name: DnsLabel = Field(description="Unique name of the host device in this VM.")
+    type: Literal["pci", "usb"] = Field(description="PCI passthrough (VFIO) or host USB passthrough.")
+    address: PciAddress | None = None
+    vendor: UsbId | None = None
+    product: UsbId | None = None
 
 
 class Shutdown(ApiModel):
@@ -126,6 +178,11 @@ class ResetRequest(ApiModel):
     id: RequestId = Field(description="A new id asks for one more hard reset.")
 
 
+class RestartRequest(ApiModel):
+    id: RequestId = Field(description="A new id asks for one cold restart (shutdown per spec.shutdown, "
+                          "then start), which applies the changes that need one.")
+
+
 class VirtualMachineSpec(ApiModel):
     model_config = {"json_schema_extra": validations(
         cel("self.shutdown.mode != 'agent' || self.guestAgent",
@@ -136,6 +193,10 @@ class VirtualMachineSpec(ApiModel):
             "nodeName cannot be changed once set; migrate the VM instead", field_path=".nodeName"),
         cel("has(self.boot.kernel) || self.disks.size() > 0",
             "a VM needs a disk or a kernel to boot from", reason="FieldValueRequired", field_path=".disks"),
+        cel("self.disks.all(d, !has(d.target) || self.disks.exists_one(e, has(e.target) && e.target == d.target))",
+            "two disks have the same target", field_path=".disks"),
+        cel("self.interfaces.all(i, !has(i.mac) || self.interfaces.exists_one(j, has(j.mac) && j.mac == i.mac))",
+            "two interfaces have the same MAC address", field_path=".interfaces"),
     )}
 
     node_name: str | None = Field(None, min_length=1, max_length=253,
@@ -154,10 +215,13 @@ class VirtualMachineSpec(ApiModel):
     boot: Boot = Field(default_factory=Boot, json_schema_extra=NESTED_DEFAULT)
     disks: list[Disk] = Field(default_factory=list, max_length=32, json_schema_extra=NAMED_LIST)
     interfaces: list[Interface] = Field(default_factory=list, max_length=16, json_schema_extra=NAMED_LIST)
+    host_devices: list[HostDevice] = Field(default_factory=list, max_length=8, json_schema_extra=NAMED_LIST,
+                                           description="PCI and USB devices of the host passed through.")
     guest_agent: bool = Field(True, description="Add the qemu-guest-agent channel.")
     shutdown: Shutdown = Field(default_factory=Shutdown, json_schema_extra=NESTED_DEFAULT)
     reboot: RebootRequest | None = Field(None, description="One-shot reboot request.")
     reset: ResetRequest | None = Field(None, description="One-shot hard reset request.")
+    restart: RestartRequest | None = Field(None, description="One-shot cold restart request.")
     disk_deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="Delete removes the VM's writable disk files (not their backing files) "
         "when the VM is deleted."
@@ -181,6 +245,28 @@ class ShutdownProgress(ApiModel):
     requested_at: str
 
 
+class DiskStatus(ApiModel):
+    """A disk as the running domain (or the definition, when stopped) has it: recorded facts."""
+
+    name: str
+    target: str
+    bus: str
+    device: str
+    path: str | None = Field(None, description="The active file (the chain's leaf).")
+    format: str | None = None
+    backing_chain: list[str] = Field(default_factory=list, description="Backing files, nearest first.")
+    capacity_bytes: int | None = None
+
+
+class InterfaceStatus(ApiModel):
+    name: str
+    type: str
+    source: str | None = None
+    model: str | None = None
+    mac: str | None = None
+    host_device: str | None = Field(None, description="Host-side device, e.g. the tap.")
+
+
 class VirtualMachineStatus(ApiModel):
     phase: Phase | None = None
     node_name: str | None = None
@@ -193,6 +279,13 @@ class VirtualMachineStatus(ApiModel):
     shutdown: ShutdownProgress | None = None
     last_reboot: RequestOutcome | None = None
     last_reset: RequestOutcome | None = None
+    last_restart: RequestOutcome | None = None
+    vcpus: int | None = Field(None, description="vCPUs of the running domain.")
+    memory: str | None = Field(None, description="Memory of the running domain (boot memory plus DIMMs).")
+    disks: list[DiskStatus] = Field(default_factory=list, json_schema_extra=NAMED_LIST)
+    interfaces: list[InterfaceStatus] = Field(default_factory=list, json_schema_extra=NAMED_LIST)
+    pending_restart: list[str] = Field(default_factory=list, description="Spec fields that apply at the next "
+                                       "restart (see the RestartRequired condition).")
 
 
 class VirtualMachine(ApiModel):
