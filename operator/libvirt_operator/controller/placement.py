@@ -14,6 +14,7 @@ NODE_NOT_FOUND = "NodeNotFound"
 NO_NODE_AVAILABLE = "NoNodeAvailable"
 INSUFFICIENT_MEMORY = "InsufficientMemory"
 DISK_CONFLICT = "DiskConflict"
+MAC_IN_USE = "MacAddressInUse"
 
 
 @dataclass(frozen=True)
@@ -24,22 +25,24 @@ class Node:
     cordoned: bool = False  # spec.unschedulable (kubectl cordon)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DiskUse:
     path: str
     writable: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VMRef:
     """What placement needs to know about one VM (placed or to be placed)."""
 
     uid: str
     name: str  # namespace/name, for messages
-    memory_bytes: int
+    memory_bytes: int  # what it reserves on its node: memory.maxSize if set, else memory.size
     disks: tuple[DiskUse, ...] = ()
     pinned_node: str | None = None  # spec.nodeName
     node: str | None = None  # the placement label, None while unplaced
+    macs: tuple[str, ...] = ()  # the MACs its spec sets (generated ones are unique per domain)
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC: sorts as text)
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,20 @@ def vm_ref(vm: Mapping) -> VMRef:
     return VMRef(
         uid=md.get("uid", ""),
         name=f"{md.get('namespace')}/{md.get('name')}",
-        memory_bytes=quantity.to_bytes((spec.get("memory") or {}).get("size", "0")),
+        memory_bytes=reserved_memory(spec.get("memory") or {}),
         disks=disks,
         pinned_node=spec.get("nodeName") or None,
         node=(md.get("labels") or {}).get(meta.NODE_LABEL) or None,
+        macs=tuple(i["mac"].lower() for i in spec.get("interfaces") or [] if i.get("mac")),
+        created=md.get("creationTimestamp") or "",
     )
+
+
+def reserved_memory(memory: Mapping) -> int:
+    """What a VM holds on its node: its ceiling `maxSize` (it may grow to it live), else `size`."""
+    size = quantity.to_bytes(memory.get("size", "0"))
+    ceiling = memory.get("maxSize")
+    return max(size, quantity.to_bytes(ceiling)) if ceiling else size
 
 
 def human_bytes(n: int) -> str:
@@ -120,9 +132,40 @@ def disk_conflict(vm: VMRef, node: str, placed: Iterable[VMRef]) -> str | None:
     return None
 
 
-def decide(vm: VMRef, nodes: Iterable[Node], alive: set[str], placed: Iterable[VMRef]) -> Decision:
-    """Choose a node for an unplaced VM: its pinned node if valid, else the live node with most free memory."""
+def precedes(a: VMRef, b: VMRef) -> bool:
+    """Whether `a` was created before `b` (ties broken by UID, so every controller agrees)."""
+    return (a.created, a.uid) < (b.created, b.uid)
+
+
+def mac_conflict(vm: VMRef, others: Iterable[VMRef]) -> str | None:
+    """A message if another VM already holds one of vm's MACs: a placed one, or one created earlier.
+
+    The later VM waits; the earlier one is placed as if the later did not exist.
+    """
+    if not vm.macs:
+        return None
+    mine = set(vm.macs)
+    holders = sorted((o for o in others if o.uid != vm.uid and mine.intersection(o.macs)
+                      and (o.node is not None or precedes(o, vm))), key=lambda o: (o.created, o.uid))
+    if not holders:
+        return None
+    other = holders[0]
+    mac = next(m for m in vm.macs if m in other.macs)
+    where = f"placed on node {other.node}" if other.node else "created earlier, not placed yet"
+    return f"MAC {mac} is already used by VM {other.name} ({where})"
+
+
+def decide(vm: VMRef, nodes: Iterable[Node], alive: set[str], placed: Iterable[VMRef],
+           others: Iterable[VMRef] = ()) -> Decision:
+    """Choose a node for an unplaced VM: its pinned node if valid, else the live node with most free memory.
+
+    `placed`: the VMs on nodes (their memory and disks count); `others`: every other VM known,
+    placed or not (for MACs, which are unique cluster-wide).
+    """
     placed = [p for p in placed if p.uid != vm.uid]
+    conflict = mac_conflict(vm, [*placed, *others])
+    if conflict:
+        return Decision(None, MAC_IN_USE, conflict)
     nodes = list(nodes)
     if vm.pinned_node:
         return _check_pinned(vm, {n.name: n for n in nodes}.get(vm.pinned_node), placed)

@@ -9,6 +9,7 @@ any state, annotation or finalizer onto the VMs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +57,9 @@ class Scheduler:
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
+        # VMs whose spec sets a MAC, as the watch last showed them: a VM created after the snapshot
+        # was read still counts for the MAC check (MACs are unique cluster-wide).
+        self._with_macs: dict[str, placement.VMRef] = {}
         metrics.track_waiting(lambda: len(self._retries))
 
     # -- entry points
@@ -63,6 +67,7 @@ class Scheduler:
     async def on_event(self, event_type: str | None, vm: Mapping) -> None:
         md = vm["metadata"]
         key = VMKey(md["namespace"], md["name"], md["uid"])
+        self._track_macs(event_type, vm)
         if event_type == "DELETED" or not schedule_status.needs_work(vm):
             self._cancel_retry(key.uid)
             return
@@ -71,6 +76,23 @@ class Scheduler:
             return  # same spec as the last attempt: the pending retry will look again
         self._cancel_retry(key.uid)
         await self._run(key)
+
+    def _track_macs(self, event_type: str | None, vm: Mapping) -> None:
+        uid = vm["metadata"]["uid"]
+        if event_type == "DELETED":
+            self._with_macs.pop(uid, None)
+            return
+        try:
+            ref = placement.vm_ref(vm)
+        except ValueError:  # an unreadable quantity: reconcile reports it
+            return
+        if ref.macs:
+            old = self._with_macs.get(uid)
+            if old is not None and old.node and not ref.node:  # never forget a placement (stale event)
+                ref = dataclasses.replace(ref, node=old.node)
+            self._with_macs[uid] = ref
+        else:
+            self._with_macs.pop(uid, None)
 
     def close(self) -> None:
         for uid in list(self._retries):
@@ -123,7 +145,8 @@ class Scheduler:
             snap = await asyncio.to_thread(cluster.read, ref.pinned_node, self.operator_namespace)
             self._snapshots[ref.pinned_node] = snap
         placed = self._reservations.combine(snap.vms, snap.read_at)
-        return placement.decide(ref, snap.nodes, snap.alive, placed)
+        others = [*snap.vms, *self._with_macs.values()] if ref.macs else ()
+        return placement.decide(ref, snap.nodes, snap.alive, placed, others)
 
     # -- status and Events
 

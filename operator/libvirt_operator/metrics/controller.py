@@ -23,7 +23,8 @@ COMPONENT = "controller"
 T = TypeVar("T")
 
 PLACEMENTS = Counter(f"{PREFIX}placement_decisions", "Placement decisions by result (the Scheduled reason: "
-                     "Scheduled, NoNodeAvailable, InsufficientMemory, NodeNotFound, DiskConflict).", ["result"])
+                     "Scheduled, NoNodeAvailable, InsufficientMemory, NodeNotFound, DiskConflict, MacAddressInUse).",
+                     ["result"])
 WAITING = Gauge(f"{PREFIX}placement_waiting", "VMs that could not be placed yet and wait for a retry.")
 CLUSTER_VMS = PhaseCounter(f"{PREFIX}cluster_vms", "VirtualMachines in the watched namespaces by status.phase.")
 REGISTRY.register(CLUSTER_VMS)

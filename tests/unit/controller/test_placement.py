@@ -138,3 +138,71 @@ def test_a_cached_listing_older_than_a_reservation_keeps_it():
     assert p.used_memory(r.combine([], listed_at=9.0)) == {"a": 2 * GI}
     # A listing read after it that no longer shows x drops the reservation.
     assert p.used_memory(r.combine([], listed_at=11.0)) == {}
+
+
+def test_a_vm_that_may_grow_reserves_its_ceiling():
+    obj = {"metadata": {"uid": "u", "namespace": "ns", "name": "grow"},
+           "spec": {"memory": {"size": "1Gi", "maxSize": "4Gi"}}}
+    ref = p.vm_ref(obj)
+    assert ref.memory_bytes == 4 * GI
+    # 3Gi free: size would fit, the ceiling does not.
+    d = p.decide(ref, [Node("a", 4 * GI)], {"a"}, [vm("x", GI, node="a")])
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_MEMORY)
+    assert "needs 4Gi" in d.message
+    # And a placed VM that may grow counts with its ceiling against the next one.
+    placed = [p.vm_ref({**obj, "metadata": {**obj["metadata"], "labels": {meta.NODE_LABEL: "a"}}})]
+    assert p.used_memory(placed) == {"a": 4 * GI}
+    assert p.decide(vm(memory=GI), [Node("a", 4 * GI)], {"a"}, placed).reason == p.INSUFFICIENT_MEMORY
+
+
+def test_reserved_memory_without_a_ceiling_is_the_size():
+    assert p.reserved_memory({"size": "512Mi"}) == 512 * 2**20
+    assert p.reserved_memory({"size": "2Gi", "maxSize": "2Gi"}) == 2 * GI
+
+
+def mac_vm(uid, created, macs, node=None, pinned=None):
+    return VMRef(uid=uid, name=f"ns/{uid}", memory_bytes=GI, node=node, pinned_node=pinned,
+                 macs=tuple(macs), created=created)
+
+
+def test_a_later_vm_with_a_mac_in_use_is_not_placed():
+    first = mac_vm("first", "2026-01-01T00:00:00Z", ["52:54:00:00:00:01"])
+    later = mac_vm("later", "2026-01-01T00:00:05Z", ["52:54:00:00:00:09", "52:54:00:00:00:01"])
+    nodes = [Node("a", 8 * GI)]
+    # The earlier VM, not placed yet, is placed as if the later did not exist ...
+    assert p.decide(first, nodes, {"a"}, [], [later]).node == "a"
+    # ... and the later one waits, whether the earlier is placed already or not.
+    d = p.decide(later, nodes, {"a"}, [], [first])
+    assert (d.node, d.reason) == (None, p.MAC_IN_USE)
+    assert d.message == "MAC 52:54:00:00:00:01 is already used by VM ns/first (created earlier, not placed yet)"
+    placed_first = mac_vm("first", first.created, first.macs, node="a")
+    d = p.decide(later, nodes, {"a"}, [placed_first])
+    assert d.reason == p.MAC_IN_USE and "placed on node a" in d.message
+    # Pinned VMs too.
+    assert p.decide(mac_vm("later", later.created, later.macs, pinned="a"), nodes, {"a"}, [placed_first]).reason \
+        == p.MAC_IN_USE
+
+
+def test_a_placed_vm_holds_its_mac_even_if_created_later():
+    older_unplaced = mac_vm("old", "2026-01-01T00:00:00Z", ["52:54:00:00:00:01"])
+    younger_placed = mac_vm("young", "2026-01-01T00:00:09Z", ["52:54:00:00:00:01"], node="a")
+    assert p.decide(older_unplaced, [Node("a", 8 * GI)], {"a"}, [younger_placed]).reason == p.MAC_IN_USE
+
+
+def test_mac_ties_are_broken_by_uid_and_distinct_macs_do_not_conflict():
+    a = mac_vm("a", "2026-01-01T00:00:00Z", ["52:54:00:00:00:01"])
+    b = mac_vm("b", "2026-01-01T00:00:00Z", ["52:54:00:00:00:01"])
+    nodes = [Node("n", 8 * GI)]
+    assert p.decide(a, nodes, {"n"}, [], [b]).node == "n"
+    assert p.decide(b, nodes, {"n"}, [], [a]).reason == p.MAC_IN_USE
+    c = mac_vm("c", "2026-01-01T00:00:00Z", ["52:54:00:00:00:02"])
+    assert p.decide(c, nodes, {"n"}, [], [a, b]).node == "n"
+    assert p.decide(mac_vm("d", "", []), nodes, {"n"}, [], [a]).node == "n"  # no MAC set: generated
+
+
+def test_vm_ref_reads_macs_and_creation_time():
+    obj = {"metadata": {"uid": "u1", "namespace": "ns", "name": "web", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"memory": {"size": "1Gi"}, "interfaces": [
+               {"name": "a", "type": "user", "mac": "52:54:00:aa:bb:cc"}, {"name": "b", "type": "user"}]}}
+    ref = p.vm_ref(obj)
+    assert (ref.macs, ref.created) == (("52:54:00:aa:bb:cc",), "2026-01-01T00:00:00Z")
