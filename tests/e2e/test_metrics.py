@@ -4,10 +4,12 @@ before and after VMs run through the real API server, libvirtd and QEMU."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,8 +40,17 @@ def scrape(cluster, process: str, timeout: float = 30) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (0 when there is none)."""
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+    """Sum of the samples of `name` whose labels include `labels`; a missing series fails the test."""
+    found = [v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())]
+    assert found, f"no series {name}{labels or ''} in the scrape"
+    return sum(found)
+
+
+def value_or_zero(samples: Samples, name: str, **labels: str) -> float:
+    """As `value`, for a labelled series that exists only once it has counted something
+    (a Prometheus counter with labels has no sample before its first increment)."""
+    found = [v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())]
+    return sum(found)
 
 
 def has(samples: Samples, name: str) -> bool:
@@ -78,9 +89,13 @@ def test_every_process_serves_its_own_metrics(cluster):
             assert {lab["phase"] for n, lab, _ in samples if n == "libvirt_operator_node_vms"} >= {
                 "Running", "Stopped", "Paused", "Failed"}
             assert has(samples, "libvirt_operator_workqueue_depth")
+            assert {lab["scope"] for n, lab, _ in samples if n == "libvirt_operator_vm_watch_events_total"} == {
+                "own", "other"}
             assert not has(samples, "libvirt_operator_placement_decisions_total")
         else:
             assert has(samples, "libvirt_operator_cluster_vms")
+            assert {lab["scope"] for n, lab, _ in samples if n == "libvirt_operator_vm_watch_events_total"} == {
+                "cluster"}
             assert not has(samples, "libvirt_operator_libvirt_operation_duration_seconds_count")
 
 
@@ -101,17 +116,15 @@ def test_metrics_after_a_vm_runs(cluster, vms, vm_name):
             "one more Running VM on the node")
         # Reconcile passes: counted and timed.
         assert (value(samples, "libvirt_operator_reconcile_total", component="agent", result="success")
-                > value(was, "libvirt_operator_reconcile_total", component="agent", result="success"))
+                > value_or_zero(was, "libvirt_operator_reconcile_total", component="agent", result="success"))
         assert (value(samples, "libvirt_operator_reconcile_duration_seconds_count", component="agent")
-                > value(was, "libvirt_operator_reconcile_duration_seconds_count", component="agent"))
+                > value_or_zero(was, "libvirt_operator_reconcile_duration_seconds_count", component="agent"))
         assert value(samples, "libvirt_operator_reconcile_duration_seconds_sum", component="agent") > 0
         # libvirt latencies by operation: this VM's domain was defined and started here.
         for op in ("define", "start", "lookup", "state"):
             assert (value(samples, "libvirt_operator_libvirt_operation_duration_seconds_count", operation=op)
-                    > value(was, "libvirt_operator_libvirt_operation_duration_seconds_count", operation=op)), op
+                    > value_or_zero(was, "libvirt_operator_libvirt_operation_duration_seconds_count", operation=op)), op
         assert value(samples, "libvirt_operator_libvirt_operation_duration_seconds_sum", operation="start") > 0
-        # Nothing waits in the queue once the VM has converged; the gauge is live, not a constant.
-        assert value(samples, "libvirt_operator_workqueue_depth") >= 0
 
         controller = eventually(
             cluster, "controller",
@@ -119,9 +132,10 @@ def test_metrics_after_a_vm_runs(cluster, vms, vm_name):
             >= value(controller_before, "libvirt_operator_cluster_vms", phase="Running") + 1,
             "one more Running VM cluster-wide")
         assert (value(controller, "libvirt_operator_placement_decisions_total", result="Scheduled")
-                >= value(controller_before, "libvirt_operator_placement_decisions_total", result="Scheduled") + 1)
+                >= value_or_zero(controller_before, "libvirt_operator_placement_decisions_total",
+                                 result="Scheduled") + 1)
         assert (value(controller, "libvirt_operator_reconcile_total", component="controller", result="success")
-                > value(controller_before, "libvirt_operator_reconcile_total", component="controller",
+                > value_or_zero(controller_before, "libvirt_operator_reconcile_total", component="controller",
                         result="success"))
 
         def all_vms_counted(s: Samples) -> bool:
@@ -130,14 +144,74 @@ def test_metrics_after_a_vm_runs(cluster, vms, vm_name):
             return counted == len(live["items"])
 
         eventually(cluster, "controller", all_vms_counted, "every VM of the cluster counted once")
+
+        # Watch traffic: this VM's events reached its own node's agent, and no agent ever received
+        # an event of a VM that is not on its node (the server-side label selector).
+        events = "libvirt_operator_vm_watch_events_total"
+        assert value(samples, events, scope="own") > value(was, events, scope="own")
+        for proc in agents(cluster).values():
+            assert value(scrape(cluster, proc), events, scope="other") == 0, proc
     finally:
         vms.delete(vm_name)
         vms.wait_gone(vm_name, 90)
 
     eventually(cluster, agent,
                lambda s: value(s, "libvirt_operator_libvirt_operation_duration_seconds_count", operation="undefine")
-               > value(was, "libvirt_operator_libvirt_operation_duration_seconds_count", operation="undefine"),
+               > value_or_zero(was, "libvirt_operator_libvirt_operation_duration_seconds_count",
+                               operation="undefine"),
                "the domain's undefine")
+
+
+class Sampler:
+    """Scrapes one process's endpoint in a loop and keeps the highest value of one gauge seen."""
+
+    def __init__(self, cluster, process: str, name: str):
+        self.cluster, self.process, self.name = cluster, process, name
+        self.peak = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, value(scrape(self.cluster, self.process), self.name))
+            self.samples += 1
+
+
+def test_workqueue_depth_rises_in_a_burst_and_drains(cluster, vms):
+    """More VMs at once than the agent has workers: some wait in its queue, and the queue empties."""
+    node = cluster.nodes[0].name
+    agent = agents(cluster)[node]
+    depth = "libvirt_operator_workqueue_depth"
+    assert value(scrape(cluster, agent), depth) == 0  # the series exists (and the world is quiet)
+    names = [f"depth-{i}" for i in range(40)]  # the agent runs 16 workers
+    # Stopped VMs: the agent defines each domain and reports it, and no guest has to boot.
+    bodies = [manifest(cluster, n, nodeName=node, powerState="Stopped") for n in names]
+    try:
+        with Sampler(cluster, agent, depth) as sampler:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(vms.create, bodies))
+            # The burst itself, or else the periodic resync (every VM of the node at once).
+            deadline = time.monotonic() + 100
+            while sampler.peak == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert sampler.peak > 0, f"the queue never held a VM in {sampler.samples} scrapes"
+        for name in names:
+            vms.wait_phase(name, "Stopped", 120)
+        eventually(cluster, agent, lambda s: value(s, depth) == 0, "an empty work queue", timeout=60)
+    finally:
+        for name in names:
+            vms.delete(name)
+        for name in names:
+            vms.wait_gone(name, 120)
 
 
 def test_failed_libvirt_operation_is_counted_by_reason(cluster, vms, vm_name):
@@ -150,7 +224,7 @@ def test_failed_libvirt_operation_is_counted_by_reason(cluster, vms, vm_name):
         vms.wait(vm_name, lambda v: vms.boots(v) >= 1, "the guest's ready marker", 60)
         agent = agents(cluster)[vm["status"]["nodeName"]]
         labels = {"operation": "reboot", "reason": "GuestAgentUnavailable"}
-        before = value(scrape(cluster, agent), "libvirt_operator_libvirt_operation_errors_total", **labels)
+        before = value_or_zero(scrape(cluster, agent), "libvirt_operator_libvirt_operation_errors_total", **labels)
         vms.patch_spec(vm_name, {"reboot": {"id": "m1", "mode": "agent"}})
         vm = vms.wait(vm_name, lambda v: (v["status"].get("lastReboot") or {}).get("result") == "Failed",
                       "the reboot to fail", 60)

@@ -170,8 +170,12 @@ class Scene:
         return name
 
     def manifest(self, name: str, memory: str = "1Gi", node_name: str | None = None,
-                 labels: dict | None = None) -> dict:
+                 labels: dict | None = None, max_memory: str | None = None, macs: tuple[str, ...] = ()) -> dict:
         spec: dict = {"memory": {"size": memory}, "boot": {"kernel": {"kernel": "/images/vmlinuz"}}}
+        if max_memory:
+            spec["memory"]["maxSize"] = max_memory
+        if macs:
+            spec["interfaces"] = [{"name": f"nic{i}", "type": "user", "mac": m} for i, m in enumerate(macs)]
         if node_name:
             spec["nodeName"] = node_name
         return {"apiVersion": meta.API_VERSION, "kind": "VirtualMachine",
@@ -348,3 +352,50 @@ def test_status_apply_leaves_a_phase_the_agent_just_took(scene: Scene):
     vm = scene.get("raced")
     assert vm["status"]["phase"] == "Starting"
     assert scheduled(vm)["message"] == "placed again"
+
+
+def test_a_vm_that_may_grow_reserves_its_ceiling(scene: Scene):
+    node = scene.node("g", 4 * GI)
+    scene.create("grower", memory="1Gi", max_memory="3Gi")
+    assert_placed(scene, scene.wait_scheduled("grower"), node)
+    # 3Gi of 4Gi held by the ceiling: a 2Gi VM does not fit, though the grower's size is 1Gi.
+    scene.create("second", memory="2Gi")
+    cond = scheduled(scene.wait_reason("second", "InsufficientMemory"))
+    assert "needs 2Gi" in cond["message"] and "1Gi free of 4Gi" in cond["message"]
+    scene.create("small", memory="1Gi")
+    assert_placed(scene, scene.wait_scheduled("small"), node)
+
+
+def test_a_mac_used_by_another_vm_keeps_the_later_vm_unplaced(scene: Scene):
+    node = scene.node("m", 8 * GI)
+    mac = "52:54:00:12:34:56"
+    scene.create("first", macs=(mac,))
+    first = scene.wait_scheduled("first")
+    assert_placed(scene, first, node)
+    scene.create("later", macs=("52:54:00:00:00:77", mac))
+    vm = scene.wait_reason("later", "MacAddressInUse")
+    cond = scheduled(vm)
+    assert cond["status"] == "False"
+    assert cond["message"] == f"MAC {mac} is already used by VM {scene.namespace}/first (placed on node {node})"
+    assert placed_on(vm) is None and vm["status"]["phase"] == "Pending"
+    assert "FailedScheduling" in scene.event_reasons("later")
+    # The earlier VM is untouched: same placement, same status.
+    now = scene.get("first")
+    assert placed_on(now) == node and now["status"] == first["status"]
+    # Once the earlier VM is gone, the retry places the later one.
+    scene.vms.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, scene.namespace, resources.VMS, "first")
+    assert_placed(scene, scene.wait_scheduled("later"), node)
+
+
+def test_two_unplaced_vms_with_one_mac_the_earlier_is_placed(scene: Scene):
+    mac = "52:54:00:65:43:21"
+    scene.create("older", macs=(mac,))
+    scene.wait_reason("older", "NoNodeAvailable")  # no node yet: both wait, the older one first
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second
+    scene.create("younger", macs=(mac,))
+    scene.wait_reason("younger", "MacAddressInUse")
+    node = scene.node("late", 8 * GI)
+    assert_placed(scene, scene.wait_scheduled("older"), node)
+    time.sleep(1.5)  # retries of the younger meanwhile
+    vm = scene.get("younger")
+    assert placed_on(vm) is None and scheduled(vm)["reason"] == "MacAddressInUse"

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import Phase
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ PHASES: tuple[str, ...] = get_args(Phase)
 BUILD_INFO = Gauge(f"{PREFIX}build_info", "Always 1; labels say which component and version this process runs.",
                    ["component", "version"])
 RECONCILES = Counter(f"{PREFIX}reconcile", "Reconcile passes by component and result.", ["component", "result"])
+WATCH_EVENTS = Counter(
+    f"{PREFIX}vm_watch_events", "VirtualMachine watch events received. scope: own (a VM placed on this agent's "
+    "node), other (a VM of another node or unplaced: an agent's server-side selector keeps this at 0), "
+    "cluster (the controller, which watches every VM).", ["scope"])
 RECONCILE_SECONDS = Histogram(f"{PREFIX}reconcile_duration_seconds", "Duration of one reconcile pass.",
                               ["component"],
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
@@ -73,11 +78,20 @@ class PhaseCounter(Collector):
         self.documentation = documentation
         self.labels = dict(labels or {})
         self._phase_by_uid: dict[str, str] = {}
+        self._node = self.labels.get("node")  # an agent's: events are counted as own or other
+        for scope in ("own", "other") if self._node else ("cluster",):
+            WATCH_EVENTS.labels(scope)  # exported from the start, zeros included
 
     def observe(self, event: Mapping) -> None:
         """A kopf/Kubernetes watch event ({"type": ..., "object": ...})."""
         obj = event.get("object") or {}
-        uid = (obj.get("metadata") or {}).get("uid")
+        md = obj.get("metadata") or {}
+        if self._node is None:
+            WATCH_EVENTS.labels("cluster").inc()
+        else:
+            own = (md.get("labels") or {}).get(meta.NODE_LABEL) == self._node
+            WATCH_EVENTS.labels("own" if own else "other").inc()
+        uid = md.get("uid")
         if not uid:
             return
         if event.get("type") == "DELETED":
