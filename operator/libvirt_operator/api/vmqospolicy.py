@@ -1,4 +1,11 @@
-"""VMQosPolicy: network, CPU and memory limits applied live to the VMs it selects."""
+"""VMQosPolicy: network, CPU, memory and disk I/O settings applied live to the VMs it selects.
+
+A policy selects VirtualMachines of its own namespace by label. For each setting, a VM's own
+`spec.qos` wins over every policy; among policies the higher `priority` wins, and between equal
+priorities the policy whose name sorts first wins (a conflict is then reported in both the VM's
+`status.qos.conflicts` and the policies' status). Settings are merged one by one: a policy that sets
+only `cpu.shares` leaves `cpu.limitPercent` to others. Meaning and units: see api/qos.py.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from libvirt_operator.api.base import CONDITIONS_LIST, ApiModel, Condition, Quantity, cel, validations
+from libvirt_operator.api.base import CONDITIONS_LIST, ApiModel, Condition, DnsLabel, cel, validations
+from libvirt_operator.api.qos import CpuQos, DiskIoTune, MemoryQos, NicSettings, Rate
 
 
 class LabelSelectorRequirement(ApiModel):
+    model_config = {"json_schema_extra": validations(
+        cel("self.operator in ['Exists', 'DoesNotExist'] ? (!has(self.values) || self.values.size() == 0) "
+            ": (has(self.values) && self.values.size() > 0)",
+            "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
+            field_path=".values"),
+    )}
+
     key: str = Field(min_length=1, max_length=317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: list[str] | None = None
@@ -20,54 +35,55 @@ class LabelSelector(ApiModel):
     match_expressions: list[LabelSelectorRequirement] | None = None
 
 
-class Rate(ApiModel):
-    """libvirt <bandwidth> units: KiB/s for rates, KiB for burst."""
+class PortGroup(ApiModel):
+    """Q2: one ceiling shared by every selected NIC on the same node (per direction)."""
 
-    average_kib_per_second: int = Field(ge=1, le=2**32 - 1)
-    peak_kib_per_second: int | None = Field(None, ge=1, le=2**32 - 1)
-    burst_kib: int | None = Field(None, ge=1, le=2**32 - 1)
-    floor_kib_per_second: int | None = Field(None, ge=1, le=2**32 - 1,
-                                             description="Guaranteed minimum (inbound, libvirt networks only).")
-
-
-class NetworkQos(ApiModel):
-    inbound: Rate | None = None
-    outbound: Rate | None = None
-    priority: int | None = Field(None, ge=0, le=7)
-    vlan: int | None = Field(None, ge=1, le=4094)
-
-
-class CpuQos(ApiModel):
     model_config = {"json_schema_extra": validations(
-        cel("!has(self.limitPercent) || !has(self.reservationPercent) || "
-            "self.reservationPercent <= self.limitPercent",
-            "cpu.reservationPercent cannot exceed cpu.limitPercent"),
+        cel("has(self.inbound) || has(self.outbound)", "a portGroup needs an inbound or outbound ceiling"),
     )}
 
-    shares: int | None = Field(None, ge=2, le=262144, description="Relative CPU priority (cgroup shares).")
-    limit_percent: int | None = Field(None, ge=1, le=25600, description="Ceiling, in percent of one host CPU.")
-    reservation_percent: int | None = Field(None, ge=1, le=25600)
+    inbound: Rate | None = None
+    outbound: Rate | None = None
 
 
-class MemoryQos(ApiModel):
-    hard_limit: Quantity | None = None
-    soft_limit: Quantity | None = None
-    min_guarantee: Quantity | None = None
+class PolicyNetwork(NicSettings):
+    interfaces: list[DnsLabel] | None = Field(
+        None, max_length=16, description="The VMs' interfaces this applies to (by name); empty: all of them.")
+    port_group: PortGroup | None = Field(None, description="Q2: the selected NICs share this ceiling per node; "
+                                         "the group is named after the policy.")
+
+
+class PolicyDiskIo(DiskIoTune):
+    disks: list[DnsLabel] | None = Field(
+        None, max_length=32, description="The VMs' disks this applies to (by name); empty: every non-cdrom disk.")
 
 
 class VMQosPolicySpec(ApiModel):
-    selector: LabelSelector = Field(description="VMs in this namespace that the policy applies to.")
-    priority: int = Field(0, ge=0, le=1000, description="Where policies overlap, the higher priority wins.")
-    network: NetworkQos | None = None
+    selector: LabelSelector = Field(description="VMs in this namespace that the policy applies to; "
+                                    "an empty selector selects every VM of the namespace.")
+    priority: int = Field(0, ge=0, le=1000, description="Where policies overlap, the higher priority wins; "
+                          "between equal priorities, the name that sorts first.")
+    network: PolicyNetwork | None = None
     cpu: CpuQos | None = None
     memory: MemoryQos | None = None
+    disk_io: PolicyDiskIo | None = None
+
+
+class PolicyConflict(ApiModel):
+    vm: str
+    field: str
+    winner: str
+    message: str
 
 
 class VMQosPolicyStatus(ApiModel):
-    phase: Literal["Active", "Degraded"] | None = None
+    phase: Literal["Active", "Idle", "Degraded"] | None = Field(
+        None, description="Active: it selects VMs; Idle: its selector matches nothing; Degraded: it loses "
+        "a tie against a policy of equal priority somewhere.")
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST)
     matched_vms: int | None = None
+    conflicts: list[PolicyConflict] = Field(default_factory=list, max_length=100)
 
 
 class VMQosPolicy(ApiModel):
