@@ -5,6 +5,7 @@ from __future__ import annotations
 from libvirt_operator.domain import metadata
 from libvirt_operator.domain.clock import Clock
 from libvirt_operator.domain.cpu import CPU
+from libvirt_operator.domain.cputune import CPUTune
 from libvirt_operator.domain.devices import Devices
 from libvirt_operator.domain.features import Features
 from libvirt_operator.domain.guest_os import GuestOS
@@ -33,6 +34,7 @@ class DomainConfig(XMLElement):
     vcpus_max = IntText("vcpu")
     vcpus_current = IntAttr("current", path="vcpu")  # absent: all vcpus_max online
     vcpu_placement = Attr("placement", path="vcpu")
+    cputune = Child(CPUTune)
     os = Child(GuestOS)
     features = Child(Features)
     cpu = Child(CPU)

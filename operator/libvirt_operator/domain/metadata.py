@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import xml.etree.ElementTree as ET
 
 from libvirt_operator.domain.xmlbase import IntText, Text, XMLElement, canonical_xml
@@ -29,13 +30,23 @@ class OperatorMetadata(XMLElement):
     exchange the element without its namespace: see from_api_xml / to_api_xml."""
 
     TAG = _q("vm")
-    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash")))
+    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash", "bootFields")))
 
     vm_namespace = Text(_q("namespace"))
     vm_name = Text(_q("name"))
     vm_uid = Text(_q("uid"))
     generation = IntText(_q("generation"))  # metadata.generation of the spec rendered
     config_hash = Text(_q("configHash"))
+    # JSON of the spec fields that only a (re)start applies; in the live XML: those it booted with.
+    boot_fields_json = Text(_q("bootFields"))
+
+    @property
+    def boot_fields(self) -> dict:
+        return json.loads(self.boot_fields_json) if self.boot_fields_json else {}
+
+    @boot_fields.setter
+    def boot_fields(self, value: dict) -> None:
+        self.boot_fields_json = json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_api_xml(cls, text: str) -> OperatorMetadata:

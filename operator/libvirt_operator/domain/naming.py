@@ -8,6 +8,8 @@ from libvirt_operator.domain.devices.base import USER_ALIAS_PREFIX
 
 DISK_ALIAS_PREFIX = f"{USER_ALIAS_PREFIX}disk-"
 NIC_ALIAS_PREFIX = f"{USER_ALIAS_PREFIX}nic-"
+HOSTDEV_ALIAS_PREFIX = f"{USER_ALIAS_PREFIX}hostdev-"
+DIMM_ALIAS_PREFIX = f"{USER_ALIAS_PREFIX}dimm-"
 # Aliases of the devices every rendered domain has at most one of.
 SERIAL_ALIAS = f"{USER_ALIAS_PREFIX}serial0"
 GUEST_AGENT_ALIAS = f"{USER_ALIAS_PREFIX}guest-agent"
@@ -28,6 +30,18 @@ def disk_alias(disk_name: str) -> str:
 
 def nic_alias(interface_name: str) -> str:
     return NIC_ALIAS_PREFIX + interface_name
+
+
+def hostdev_alias(device_name: str) -> str:
+    return HOSTDEV_ALIAS_PREFIX + device_name
+
+
+def dimm_alias(index: int) -> str:
+    return f"{DIMM_ALIAS_PREFIX}{index}"
+
+
+def hostdev_name_from_alias(alias: str | None) -> str | None:
+    return _strip(alias, HOSTDEV_ALIAS_PREFIX)
 
 
 def disk_name_from_alias(alias: str | None) -> str | None:

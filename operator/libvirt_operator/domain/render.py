@@ -7,12 +7,13 @@ so an agent can tell a stale domain from a current one.
 from __future__ import annotations
 
 from libvirt_operator.api.quantity import to_kib
-from libvirt_operator.api.virtualmachine import Boot, Disk, Interface, VirtualMachineSpec
+from libvirt_operator.api.virtualmachine import Boot, Disk, HostDevice, Interface, VirtualMachineSpec
 from libvirt_operator.domain import devices as dev
 from libvirt_operator.domain import naming
 from libvirt_operator.domain.clock import Clock
 from libvirt_operator.domain.config import DomainConfig
 from libvirt_operator.domain.cpu import CPU, NumaCell
+from libvirt_operator.domain.cputune import CPUTune, VcpuPin
 from libvirt_operator.domain.errors import RenderError
 from libvirt_operator.domain.features import Features
 from libvirt_operator.domain.guest_os import GuestOS
@@ -53,13 +54,40 @@ def render_domain(
     domain.os = _guest_os(spec.boot, machine)
     domain.features = Features(acpi=True, apic=True)  # ACPI shutdown/reboot need both
     domain.cpu = _cpu(spec, domain_type)
+    domain.cputune = _cputune(spec)
     domain.clock = Clock(offset="utc")
     domain.on_poweroff, domain.on_reboot, domain.on_crash = "destroy", "restart", "destroy"
     domain.devices = _devices(spec, uuid, machine, console_log)
     own = OperatorMetadata(vm_namespace=namespace, vm_name=vm_name, vm_uid=uid or uuid, generation=generation)
+    own.boot_fields = boot_fields(spec, domain_type, machine)
     domain.operator_metadata = own
     own.config_hash = domain.config_hash()
     return domain
+
+
+def boot_fields(spec: VirtualMachineSpec, domain_type: str, machine: str) -> dict:
+    """The spec fields that only a (re)start of the domain applies, by field path."""
+    boot = spec.boot
+    return {
+        "domainType": domain_type,
+        "machine": machine,
+        "boot": boot.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "cpu.maxVcpus": spec.cpu.max_vcpus or spec.cpu.vcpus,
+        "memory.maxSize": to_kib(spec.memory.max_size or spec.memory.size),
+        "guestAgent": spec.guest_agent,
+    }
+
+
+def _cputune(spec: VirtualMachineSpec) -> CPUTune | None:
+    pinning = spec.cpu.pinning
+    if pinning is None or not (pinning.vcpus or pinning.emulator):
+        return None
+    tune = CPUTune()
+    for pin in sorted(pinning.vcpus, key=lambda p: p.vcpu):
+        tune.vcpupins.append(VcpuPin(vcpu=pin.vcpu, cpuset=pin.cpuset))
+    if pinning.emulator:
+        tune.emulator_cpuset = pinning.emulator
+    return tune
 
 
 def _set_memory_and_vcpus(domain: DomainConfig, spec: VirtualMachineSpec) -> None:
@@ -115,6 +143,8 @@ def _devices(spec: VirtualMachineSpec, uuid: str, machine: str, console_log: str
         devices.controllers.append(controller)
     for interface in spec.interfaces:
         devices.interfaces.append(_interface(interface, uuid))
+    for hostdev in spec.host_devices:
+        devices.hostdevs.append(_hostdev(hostdev))
     serial = dev.Serial(type="pty", target_port=0, alias=naming.SERIAL_ALIAS)
     if console_log:
         serial.log_file, serial.log_append = console_log, True
@@ -136,7 +166,8 @@ def _pcie_controllers(spec: VirtualMachineSpec, pcie_controllers: int) -> list[d
         pcie_controllers
         + 1  # memballoon
         + sum(1 for disk in spec.disks if _bus(disk) == "virtio")
-        + sum(1 for nic in spec.interfaces if nic.model in PCIE_NIC_MODELS)
+        + sum(1 for nic in spec.interfaces if nic.model in PCIE_NIC_MODELS or nic.type == "hostdev")
+        + sum(1 for hostdev in spec.host_devices if hostdev.type == "pci")
     )
     ports = [
         dev.Controller(type="pci", index=index, model="pcie-root-port")
@@ -176,4 +207,18 @@ def _interface(interface: Interface, uuid: str) -> dev.Interface:
         element.source_network = interface.source
     elif interface.type == "bridge":
         element.source_bridge = interface.source
+    elif interface.type == "hostdev":
+        element.managed = True
+        element.model_type = None  # a VF is the guest's NIC itself
+        element.set_pci_address(interface.pci_address)
+    return element
+
+
+def _hostdev(hostdev: HostDevice) -> dev.HostDev:
+    element = dev.HostDev(mode="subsystem", type=hostdev.type, managed=True,
+                          alias=naming.hostdev_alias(hostdev.name))
+    if hostdev.type == "pci":
+        element.set_pci_address(hostdev.address)
+    else:
+        element.usb_vendor, element.usb_product = hostdev.vendor, hostdev.product
     return element

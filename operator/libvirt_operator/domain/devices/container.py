@@ -6,8 +6,10 @@ from libvirt_operator.domain.devices.channel import Channel
 from libvirt_operator.domain.devices.chardev import Console, Serial
 from libvirt_operator.domain.devices.controller import Controller
 from libvirt_operator.domain.devices.disk import Disk
+from libvirt_operator.domain.devices.hostdev import HostDev
 from libvirt_operator.domain.devices.interface import Interface
 from libvirt_operator.domain.devices.memballoon import MemBalloon
+from libvirt_operator.domain.devices.memory import MemoryDevice
 from libvirt_operator.domain.xmlbase import Child, Children, Text, XMLElement
 
 
@@ -26,11 +28,14 @@ class Devices(XMLElement):
     serials = Children(Serial)
     consoles = Children(Console)
     channels = Children(Channel)
+    hostdevs = Children(HostDev)
     memballoon = Child(MemBalloon)
+    memories = Children(MemoryDevice)
 
-    def by_alias(self, alias: str) -> Disk | Interface | Controller | Serial | Channel | MemBalloon | None:
+    def by_alias(self, alias: str):
         """The modelled device carrying this alias, if any."""
-        families = (self.disks, self.interfaces, self.controllers, self.serials, self.channels)
+        families = (self.disks, self.interfaces, self.controllers, self.serials, self.channels, self.hostdevs,
+                    self.memories)
         for family in families:
             found = family.find(lambda dev: dev.alias == alias)
             if found is not None:
