@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
-from libvirt_operator.agent import heartbeat, recovery
+from libvirt_operator.agent import health, heartbeat, recovery
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.reconcile import Reconciler
 from libvirt_operator.agent.store import VMStore, key_of
@@ -123,8 +123,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = AgentConfig.from_env()
     registry = kopf.OperatorRegistry()
-    register(cfg, registry)
+    agent = register(cfg, registry)
     metrics.serve("agent")
+    health.serve(cfg, lambda: agent.host.connected)  # /livez, /readyz when LVO_HEALTH_PORT is set
     log.info("agent for node %s on %s, storage roots %s", cfg.node_name, cfg.libvirt_uri,
              ":".join(map(str, cfg.storage_roots)))
     kopf.run(registry=registry, clusterwide=True, standalone=True)

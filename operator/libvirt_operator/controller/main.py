@@ -7,7 +7,7 @@ import logging
 import kopf
 
 from libvirt_operator.api import meta
-from libvirt_operator.controller import vm_scheduling
+from libvirt_operator.controller import health, vm_scheduling
 from libvirt_operator.controller.config import ControllerConfig
 from libvirt_operator.metrics import controller as metrics
 
@@ -45,6 +45,7 @@ def main() -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     registry, _ = build(cfg)
     metrics.serve("controller")
+    health.serve()  # /livez, /readyz when LVO_HEALTH_PORT is set
     scope = ", ".join(cfg.watch_namespaces) or "all namespaces"
     log.info("controller watching %s; agent leases in %s", scope, cfg.namespace)
     kopf.run(
