@@ -12,6 +12,7 @@ from libvirt_operator.hypervisor import readxml
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.readxml import DiskSource
 from libvirt_operator.hypervisor.states import PowerState, power_state
+from libvirt_operator.hypervisor.tuning import TuningMixin
 
 if TYPE_CHECKING:
     from libvirt_operator.hypervisor.host import Host
@@ -35,7 +36,7 @@ def _flag(table: dict[str, int], mode: str) -> int:
     return table[mode]
 
 
-class Guest:
+class Guest(TuningMixin):
     """A domain on a Host. It survives reconnects: after one, the next call looks the
     domain up again by UUID on the new connection."""
 
