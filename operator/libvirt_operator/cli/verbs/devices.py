@@ -58,7 +58,7 @@ def _element_ops(field: str, index: int, item: dict, *ops: dict) -> list[dict]:
 @verb("attach-disk", "add a disk or cdrom to the VM (appends to spec.disks)",
       arg("source", metavar="SOURCE", help="host path of the image (under a storage root of the node)"),
       arg("target", metavar="TARGET", help="guest device name, e.g. vdb or sdc"),
-      arg("--name", help="the disk's name in the spec (default: TARGET)"),
+      arg("--name", dest="dev_name", metavar="NAME", help="the disk's name in the spec (default: TARGET)"),
       arg("--targetbus", choices=("virtio", "scsi", "usb", "sata", "ide"),
           help="default: from TARGET (vd* virtio, hd* ide, sd* scsi, or sata for a cdrom)"),
       arg("--type", dest="device", choices=("disk", "cdrom"), default="disk", help="default: disk"),
@@ -70,7 +70,7 @@ def attach_disk(vm: dict, args: argparse.Namespace) -> Plan:
     target = args.target
     if not TARGET.fullmatch(target):
         raise Refused(f"{name}: {target!r} is not a disk target (vd*, sd* or hd*, e.g. vdb)")
-    disk_name = _label(vm, args.name or target, "disk name")
+    disk_name = _label(vm, args.dev_name or target, "disk name")
     if not args.source.startswith("/"):
         raise Refused(f"{name}: SOURCE must be an absolute host path, not {args.source!r}")
     prefix = target[:2]
@@ -184,11 +184,12 @@ def blockresize(vm: dict, args: argparse.Namespace) -> Plan:
           help="network or bridge name; the VF's PCI address for hostdev; none for user"),
       arg("--model", choices=("virtio", "e1000", "e1000e", "rtl8139"), help="default: virtio"),
       arg("--mac", help="MAC address (default: generated)"),
-      arg("--name", help="the interface's name in the spec (default: the first free nicN)"))
+      arg("--name", dest="dev_name", metavar="NAME",
+          help="the interface's name in the spec (default: the first free nicN)"))
 def attach_interface(vm: dict, args: argparse.Namespace) -> Plan:
     name, items = _name(vm), interfaces(vm)
     names = {i["name"] for i in items}
-    nic = _label(vm, args.name, "interface name") if args.name else \
+    nic = _label(vm, args.dev_name, "interface name") if args.dev_name else \
         next(f"nic{n}" for n in range(len(items) + 1) if f"nic{n}" not in names)
     if nic in names:
         raise Refused(f"{name} already has an interface named {nic!r}; give another with --name")
@@ -228,10 +229,10 @@ def attach_interface(vm: dict, args: argparse.Namespace) -> Plan:
 @verb("detach-interface", "remove a network interface (from spec.interfaces)",
       arg("type", metavar="TYPE", choices=("network", "bridge", "user", "hostdev"), help="the interface's type"),
       arg("--mac", help="the interface's MAC (needed when several have TYPE)"),
-      arg("--name", help="or its name in the spec"))
+      arg("--name", dest="dev_name", metavar="NAME", help="or its name in the spec"))
 def detach_interface(vm: dict, args: argparse.Namespace) -> Plan:
     name = _name(vm)
-    if args.mac and args.name:
+    if args.mac and args.dev_name:
         raise Refused("give --mac or --name, not both")
     live = reported(vm, "interfaces")
 
@@ -239,9 +240,10 @@ def detach_interface(vm: dict, args: argparse.Namespace) -> Plan:
         return (i.get("mac") or (live.get(i["name"]) or {}).get("mac") or "").lower()
 
     found = [(n, i) for n, i in enumerate(interfaces(vm)) if i.get("type", "network") == args.type
-             and (not args.mac or mac_of(i) == args.mac.lower()) and (not args.name or i["name"] == args.name)]
+             and (not args.mac or mac_of(i) == args.mac.lower())
+             and (not args.dev_name or i["name"] == args.dev_name)]
     if not found:
-        which = f" with MAC {args.mac}" if args.mac else f" named {args.name!r}" if args.name else ""
+        which = f" with MAC {args.mac}" if args.mac else f" named {args.dev_name!r}" if args.dev_name else ""
         raise Refused(f"{name} has no interface of type {args.type}{which}")
     if len(found) > 1:
         listed = ", ".join(f"{i['name']} ({mac_of(i) or 'MAC not yet reported'})" for _, i in found)
