@@ -13,6 +13,7 @@ This module builds the command line from the table and carries a plan out.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -59,9 +60,14 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    return parser()
+
+
 def plan(argv: Sequence[str], vm: dict) -> Plan:
     """What `kubectl virsh ARGV` would do to this VM (pure: no API calls)."""
-    args = parser().parse_args(list(argv))
+    args = _parser().parse_args(list(argv))
     v = VERBS[args.verb]
     if v.plan is None:
         raise ValueError(f"{args.verb} is not a verb about one VM")
