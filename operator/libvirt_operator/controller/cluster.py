@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator.api import meta, quantity
 from libvirt_operator.controller.placement import Node, VMRef, vm_ref
 from libvirt_operator.kube import leases, resources
-from libvirt_operator.kube.client import core
+from libvirt_operator.kube.client import core, custom_objects
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +21,34 @@ log = logging.getLogger(__name__)
 class Snapshot:
     nodes: list[Node]
     alive: set[str]
-    vms: list[VMRef]  # every VM of every namespace, placed or not
     read_at: float = 0.0  # monotonic time the reading started
 
 
 def read(pinned_node: str | None, operator_namespace: str) -> Snapshot:
-    """The nodes a VM could go to (just its pinned node, if any), live agents, and all VMs."""
+    """The nodes a VM could go to (just its pinned node, if any) and the live agents."""
     began = time.monotonic()
     if pinned_node:
         nodes = [n for n in [_get_node(pinned_node)] if n is not None]
     else:
         nodes = [node_of(n) for n in core().list_node(label_selector=f"{meta.LIBVIRT_NODE_LABEL}=true").items]
-    alive = leases.alive_nodes(operator_namespace)
-    return Snapshot(nodes, alive, [vm_ref(vm) for vm in resources.list_all(resources.VMS)], began)
+    return Snapshot(nodes, leases.alive_nodes(operator_namespace), began)
+
+
+LIST_PAGE = 500  # objects per page: a large cluster is never held in memory all at once
+
+
+def list_vms() -> tuple[list[VMRef], float]:
+    """Every VM of every namespace as placement sees it, and the monotonic time the listing started."""
+    began = time.monotonic()
+    refs: list[VMRef] = []
+    token = None
+    while True:
+        kwargs = {"limit": LIST_PAGE, **({"_continue": token} if token else {})}
+        page = custom_objects().list_cluster_custom_object(meta.GROUP, meta.VERSION, resources.VMS, **kwargs)
+        refs.extend(vm_ref(vm) for vm in page.get("items", []))
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return refs, began
 
 
 def node_of(node: client.V1Node) -> Node:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 from libvirt_operator.api import meta, quantity
 
@@ -85,31 +85,39 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-@dataclass
-class Reservations:
-    """VMs this controller labelled but that a later listing may not show as placed yet."""
+class View(Protocol):
+    """What a decision reads about the VMs already known (controller.index.VMIndex is one)."""
 
-    by_uid: dict[str, VMRef] = field(default_factory=dict)
-    made_at: dict[str, float] = field(default_factory=dict)  # monotonic time of each reservation
+    def used(self, node: str) -> int: ...  # memory reserved on the node
+    def on(self, node: str) -> Iterable[VMRef]: ...  # the VMs placed on it
+    def holders(self, macs: Iterable[str]) -> list[VMRef]: ...  # VMs (placed or not) with one of these MACs
+    def get(self, uid: str) -> VMRef | None: ...
 
-    def add(self, vm: VMRef, at: float = 0.0) -> None:
-        self.by_uid[vm.uid] = vm
-        self.made_at[vm.uid] = at
 
-    def combine(self, listed: Iterable[VMRef], listed_at: float = math.inf) -> list[VMRef]:
-        """Placed VMs = listed ones with a node + reservations the listing does not confirm yet.
+class ListView:
+    """A View over plain lists: `placed` VMs (with a node) and `others` (any VM, for MACs)."""
 
-        A reservation is dropped once a listing started after it shows its VM placed, or no
-        longer shows the VM (an older, cached listing cannot judge it).
-        """
-        listed = list(listed)
-        seen = {vm.uid: vm for vm in listed}
-        for uid in list(self.by_uid):
-            fresher = listed_at > self.made_at[uid]
-            if fresher and (uid not in seen or seen[uid].node is not None):
-                del self.by_uid[uid], self.made_at[uid]
-        reserved = set(self.by_uid)
-        return [vm for vm in listed if vm.node and vm.uid not in reserved] + list(self.by_uid.values())
+    def __init__(self, placed: Iterable[VMRef], others: Iterable[VMRef] = ()):
+        self._by_uid: dict[str, VMRef] = {vm.uid: vm for vm in others}
+        self._by_uid.update({vm.uid: vm for vm in placed if vm.node})
+        self._used = used_memory(self._by_uid.values())
+        self._on: dict[str, list[VMRef]] = {}
+        for vm in self._by_uid.values():
+            if vm.node:
+                self._on.setdefault(vm.node, []).append(vm)
+
+    def used(self, node: str) -> int:
+        return self._used.get(node, 0)
+
+    def on(self, node: str) -> Iterable[VMRef]:
+        return self._on.get(node, ())
+
+    def holders(self, macs: Iterable[str]) -> list[VMRef]:
+        macs = set(macs)
+        return [vm for vm in self._by_uid.values() if macs.intersection(vm.macs)]
+
+    def get(self, uid: str) -> VMRef | None:
+        return self._by_uid.get(uid)
 
 
 def used_memory(placed: Iterable[VMRef]) -> dict[str, int]:
@@ -122,6 +130,8 @@ def used_memory(placed: Iterable[VMRef]) -> dict[str, int]:
 
 def disk_conflict(vm: VMRef, node: str, placed: Iterable[VMRef]) -> str | None:
     """A message if another VM on `node` uses one of vm's disk paths and either side writes to it."""
+    if not vm.disks:
+        return None
     for other in placed:
         if other.node != node or other.uid == vm.uid:
             continue
@@ -137,15 +147,15 @@ def precedes(a: VMRef, b: VMRef) -> bool:
     return (a.created, a.uid) < (b.created, b.uid)
 
 
-def mac_conflict(vm: VMRef, others: Iterable[VMRef]) -> str | None:
-    """A message if another VM already holds one of vm's MACs: a placed one, or one created earlier.
-
-    The later VM waits; the earlier one is placed as if the later did not exist.
+def mac_conflict(vm: VMRef, holders: Iterable[VMRef]) -> str | None:
+    """A message if another VM among `holders` (VMs with one of vm's MACs) already holds one:
+    a placed one, or one created earlier. The later VM waits; the earlier one is placed as if
+    the later did not exist.
     """
     if not vm.macs:
         return None
     mine = set(vm.macs)
-    holders = sorted((o for o in others if o.uid != vm.uid and mine.intersection(o.macs)
+    holders = sorted((o for o in holders if o.uid != vm.uid and mine.intersection(o.macs)
                       and (o.node is not None or precedes(o, vm))), key=lambda o: (o.created, o.uid))
     if not holders:
         return None
@@ -162,17 +172,27 @@ def decide(vm: VMRef, nodes: Iterable[Node], alive: set[str], placed: Iterable[V
     `placed`: the VMs on nodes (their memory and disks count); `others`: every other VM known,
     placed or not (for MACs, which are unique cluster-wide).
     """
-    placed = [p for p in placed if p.uid != vm.uid]
-    conflict = mac_conflict(vm, [*placed, *others])
+    return decide_in(vm, nodes, alive, ListView([p for p in placed if p.uid != vm.uid],
+                                                [o for o in others if o.uid != vm.uid]))
+
+
+def decide_in(vm: VMRef, nodes: Iterable[Node], alive: set[str], view: View) -> Decision:
+    """`decide` over a View of the known VMs (which may include `vm` itself: it never counts)."""
+    conflict = mac_conflict(vm, view.holders(vm.macs)) if vm.macs else None
     if conflict:
         return Decision(None, MAC_IN_USE, conflict)
     nodes = list(nodes)
     if vm.pinned_node:
-        return _check_pinned(vm, {n.name: n for n in nodes}.get(vm.pinned_node), placed)
-    return _choose(vm, nodes, alive, placed)
+        return _check_pinned(vm, {n.name: n for n in nodes}.get(vm.pinned_node), view)
+    return _choose(vm, nodes, alive, view)
 
 
-def _check_pinned(vm: VMRef, node: Node | None, placed: list[VMRef]) -> Decision:
+def _used_by_others(vm: VMRef, node: str, view: View) -> int:
+    me = view.get(vm.uid)
+    return view.used(node) - (me.memory_bytes if me is not None and me.node == node else 0)
+
+
+def _check_pinned(vm: VMRef, node: Node | None, view: View) -> Decision:
     need = vm.memory_bytes
     if node is None:
         return Decision(None, NODE_NOT_FOUND, f"node {vm.pinned_node} (spec.nodeName) does not exist")
@@ -180,24 +200,23 @@ def _check_pinned(vm: VMRef, node: Node | None, placed: list[VMRef]) -> Decision
         return Decision(None, INSUFFICIENT_MEMORY,
                         f"node {node.name} has {human_bytes(node.allocatable_bytes)} allocatable memory, "
                         f"the VM needs {human_bytes(need)}")
-    conflict = disk_conflict(vm, node.name, placed)
+    conflict = disk_conflict(vm, node.name, view.on(node.name))
     if conflict:
         return Decision(None, DISK_CONFLICT, conflict)
     return Decision(node.name, SCHEDULED, f"placed on node {node.name} (spec.nodeName)")
 
 
-def _choose(vm: VMRef, nodes: list[Node], alive: set[str], placed: list[VMRef]) -> Decision:
+def _choose(vm: VMRef, nodes: list[Node], alive: set[str], view: View) -> Decision:
     need = vm.memory_bytes
     libvirt = [n for n in nodes if n.libvirt]
     live = [n for n in libvirt if n.name in alive and not n.cordoned]
     if not live:
         return Decision(None, NO_NODE_AVAILABLE, _why_none_live(libvirt, alive))
-    used = used_memory(placed)
-    free = {n.name: n.allocatable_bytes - used.get(n.name, 0) for n in live}
+    free = {n.name: n.allocatable_bytes - _used_by_others(vm, n.name, view) for n in live}
     roomy = [n for n in live if free[n.name] >= need]
     if not roomy:
         return Decision(None, INSUFFICIENT_MEMORY, _why_no_room(need, live, free))
-    conflicts = {n.name: disk_conflict(vm, n.name, placed) for n in roomy}
+    conflicts = {n.name: disk_conflict(vm, n.name, view.on(n.name)) for n in roomy}
     fitting = [n for n in roomy if not conflicts[n.name]]
     if not fitting:
         return Decision(None, DISK_CONFLICT, "; ".join(conflicts[n.name] for n in roomy))

@@ -9,10 +9,11 @@ any state, annotation or finalizer onto the VMs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import kopf
@@ -20,14 +21,19 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator.api import meta
 from libvirt_operator.controller import cluster, placement, schedule_status
-from libvirt_operator.controller.placement import Decision, Reservations
+from libvirt_operator.controller.index import VMIndex
+from libvirt_operator.controller.placement import Decision
 from libvirt_operator.kube import events, resources
 from libvirt_operator.metrics import controller as metrics
 
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 0.2
-SNAPSHOT_REUSE_SECONDS = 1.0  # even within a burst, read afresh after this long
+CONFLICT_ATTEMPTS = 3  # re-read and decide again this often when the VM changed under the label patch
+NODES_REUSE_SECONDS = 1.0  # a reading of nodes and leases serves the decisions of this long
+RESEED_SECONDS = 300.0  # a full listing of VMs this often, for deletions the watch may have missed
+EVENT_THREADS = 2
+API_THREADS = 16  # blocking API calls of the placements in flight (asyncio's default is cores + 4)
 
 
 @dataclass(frozen=True)
@@ -44,22 +50,21 @@ class _Retry:
 
 
 class Scheduler:
+    """Decisions one at a time, from the watch-fed index and a cached reading of nodes and leases (no
+    API call inside the lock, but a re-reading of those every NODES_REUSE_SECONDS); each decision
+    counts at once in the index, so the label patches, status writes and Events of a burst all
+    run concurrently."""
+
     def __init__(self, operator_namespace: str, retry_seconds: float = 5.0):
         self.operator_namespace = operator_namespace
         self.retry_seconds = retry_seconds
         self._lock = asyncio.Lock()  # one placement decision at a time
-        self._reservations = Reservations()
-        # A burst of VMs waiting for the lock is placed from one reading of nodes, leases and VMs
-        # (our own placements since then count through the reservations); a burst ends when the
-        # lock is released with nobody waiting, and the next decision reads afresh.
-        self._snapshots: dict[str | None, cluster.Snapshot] = {}  # by pinned node, this burst only
-        self._waiting = 0
+        self.index = VMIndex()
+        self._nodes: dict[str | None, cluster.Snapshot] = {}  # by pinned node (None: all libvirt nodes)
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
-        # VMs whose spec sets a MAC, as the watch last showed them: a VM created after the snapshot
-        # was read still counts for the MAC check (MACs are unique cluster-wide).
-        self._with_macs: dict[str, placement.VMRef] = {}
+        self._events = ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="events")
         metrics.track_waiting(lambda: len(self._retries))
 
     # -- entry points
@@ -67,7 +72,7 @@ class Scheduler:
     async def on_event(self, event_type: str | None, vm: Mapping) -> None:
         md = vm["metadata"]
         key = VMKey(md["namespace"], md["name"], md["uid"])
-        self._track_macs(event_type, vm)
+        self._track(event_type, vm)
         if event_type == "DELETED" or not schedule_status.needs_work(vm):
             self._cancel_retry(key.uid)
             return
@@ -75,78 +80,103 @@ class Scheduler:
         if retry is not None and retry.generation == md.get("generation"):
             return  # same spec as the last attempt: the pending retry will look again
         self._cancel_retry(key.uid)
-        await self._run(key)
+        await self._run(key, vm)
 
-    def _track_macs(self, event_type: str | None, vm: Mapping) -> None:
-        uid = vm["metadata"]["uid"]
+    def _track(self, event_type: str | None, vm: Mapping) -> None:
+        now = time.monotonic()
         if event_type == "DELETED":
-            self._with_macs.pop(uid, None)
+            self.index.remove(vm["metadata"]["uid"], now)
             return
         try:
-            ref = placement.vm_ref(vm)
-        except ValueError:  # an unreadable quantity: reconcile reports it
-            return
-        if ref.macs:
-            old = self._with_macs.get(uid)
-            if old is not None and old.node and not ref.node:  # never forget a placement (stale event)
-                ref = dataclasses.replace(ref, node=old.node)
-            self._with_macs[uid] = ref
-        else:
-            self._with_macs.pop(uid, None)
+            self.index.update(placement.vm_ref(vm), now)
+        except (ValueError, KeyError, TypeError):  # unreadable (the schema prevents it): reconcile says so
+            log.warning("cannot index %s/%s", vm["metadata"].get("namespace"), vm["metadata"].get("name"))
 
     def close(self) -> None:
         for uid in list(self._retries):
             self._cancel_retry(uid)
         for task in self._running:
             task.cancel()
+        self._events.shutdown(wait=False)
 
     # -- one attempt
 
     @metrics.timed_reconcile
-    async def reconcile(self, key: VMKey) -> tuple[float | None, int | None]:
-        """Place the VM if needed and make its status say so; returns (retry delay or None, generation)."""
-        decision: Decision | None = None
-        vm = await asyncio.to_thread(resources.get, resources.VMS, key.namespace, key.name)
-        if vm is None or vm["metadata"]["uid"] != key.uid or not schedule_status.needs_work(vm):
-            return None, None
-        generation = vm["metadata"].get("generation")
-        node = vm["metadata"].get("labels", {}).get(meta.NODE_LABEL)
-        self._waiting += 1
-        async with self._lock:  # the label patch below is conditional on this VM's resourceVersion
-            self._waiting -= 1
-            try:
-                if not node:
-                    decision = await self._decide(vm)
-                    metrics.placed(decision)
-                    if decision.node is not None:
-                        try:
-                            vm = await asyncio.to_thread(cluster.label_node, key.namespace, key.name,
-                                                         decision.node, vm["metadata"]["resourceVersion"])
-                        except ApiException as exc:
-                            if exc.status == 409:  # changed meanwhile: decide again on the new version
-                                return CONFLICT_RETRY_SECONDS, generation
-                            raise
-                        self._reservations.add(placement.vm_ref(vm), time.monotonic())
-                        node = decision.node
-                        log.info("placed %s/%s on node %s: %s", key.namespace, key.name, node, decision.message)
-            finally:
-                if self._waiting == 0:
-                    self._snapshots.clear()  # end of the burst
-        if node:
-            await self._report_scheduled(vm, node, decision)
-            return None, generation
-        await self._report_unscheduled(vm, decision)
-        return self.retry_seconds, generation
+    async def reconcile(self, key: VMKey, vm: Mapping | None = None) -> tuple[float | None, int | None]:
+        """Place the VM if needed and make its status say so; returns (retry delay or None, generation).
 
-    async def _decide(self, vm: dict) -> Decision:
+        `vm`: the object as a watch event just showed it (else it is read); the label patch is
+        conditional on its resourceVersion, so a stale one only costs a re-read.
+        """
+        generation: int | None = None
+        for _ in range(CONFLICT_ATTEMPTS):
+            if vm is None:
+                vm = await asyncio.to_thread(resources.get, resources.VMS, key.namespace, key.name)
+            if vm is None or vm["metadata"]["uid"] != key.uid or not schedule_status.needs_work(vm):
+                return None, None
+            generation = vm["metadata"].get("generation")
+            node = (vm["metadata"].get("labels") or {}).get(meta.NODE_LABEL)
+            decision: Decision | None = None
+            if not node:
+                decision, previous = await self._decide(vm)
+                metrics.placed(decision)
+                if decision.node is not None:
+                    try:
+                        vm = await asyncio.to_thread(cluster.label_node, key.namespace, key.name,
+                                                     decision.node, vm["metadata"]["resourceVersion"])
+                    except ApiException as exc:
+                        self.index.release(key.uid, previous)
+                        if exc.status == 409:  # changed meanwhile: decide again on the new version
+                            vm = None
+                            continue
+                        if exc.status == 404:
+                            return None, None
+                        raise
+                    except BaseException:
+                        self.index.release(key.uid, previous)
+                        raise
+                    self.index.update(placement.vm_ref(vm), time.monotonic())
+                    node = decision.node
+                    log.info("placed %s/%s on node %s: %s", key.namespace, key.name, node, decision.message)
+            if node:
+                await self._report_scheduled(vm, node, decision)
+                return None, generation
+            await self._report_unscheduled(vm, decision)
+            return self.retry_seconds, generation
+        return CONFLICT_RETRY_SECONDS, generation
+
+    async def _decide(self, vm: Mapping) -> tuple[Decision, placement.VMRef | None]:
+        """One decision; a placement counts in the index at once. Returns it and what to `release`."""
         ref = placement.vm_ref(vm)
-        snap = self._snapshots.get(ref.pinned_node)
-        if snap is None or time.monotonic() - snap.read_at > SNAPSHOT_REUSE_SECONDS:
-            snap = await asyncio.to_thread(cluster.read, ref.pinned_node, self.operator_namespace)
-            self._snapshots[ref.pinned_node] = snap
-        placed = self._reservations.combine(snap.vms, snap.read_at)
-        others = [*snap.vms, *self._with_macs.values()] if ref.macs else ()
-        return placement.decide(ref, snap.nodes, snap.alive, placed, others)
+        async with self._lock:
+            await self._seed_if_due()
+            snap = await self._nodes_for(ref.pinned_node)
+            decision = placement.decide_in(ref, snap.nodes, snap.alive, self.index)
+            previous = self.index.reserve(ref, decision.node) if decision.node else None
+        return decision, previous
+
+    async def _seed_if_due(self) -> None:
+        seeded = self.index.seeded_at
+        if seeded is None or time.monotonic() - seeded > RESEED_SECONDS:
+            refs, listed_at = await asyncio.to_thread(cluster.list_vms)
+            self.index.seed(refs, listed_at)
+            log.info("indexed %d VirtualMachines", len(self.index))
+
+    async def _nodes_for(self, pinned: str | None) -> cluster.Snapshot:
+        now = time.monotonic()
+        for stale in [k for k, s in self._nodes.items() if now - s.read_at > NODES_REUSE_SECONDS]:
+            del self._nodes[stale]
+        snap = self._nodes.get(pinned)
+        if snap is None:
+            snap = await asyncio.to_thread(cluster.read, pinned, self.operator_namespace)
+            self._nodes[pinned] = snap
+        return snap
+
+    def _post_event(self, vm: Mapping, reason: str, message: str, warning: bool = False) -> None:
+        """In the background, on threads of their own: an Event never delays a status write."""
+        asyncio.get_running_loop().run_in_executor(
+            self._events, functools.partial(events.post, vm, reason, message, warning=warning,
+                                            component=meta.CONTROLLER_MANAGER))
 
     # -- status and Events
 
@@ -158,8 +188,7 @@ class Scheduler:
         new_event = old is None or old.get("status") != "True"
         await apply_status(vm, lambda with_phase: schedule_status.scheduled(vm, node, decision.message, with_phase))
         if new_event:
-            await asyncio.to_thread(events.post, vm, placement.SCHEDULED, decision.message,
-                                    component=meta.CONTROLLER_MANAGER)
+            self._post_event(vm, placement.SCHEDULED, decision.message)
 
     async def _report_unscheduled(self, vm: dict, decision: Decision) -> None:
         md = vm["metadata"]
@@ -167,12 +196,11 @@ class Scheduler:
         await apply_status(vm, lambda with_phase: schedule_status.unscheduled(vm, decision, with_phase))
         if changed:
             log.info("cannot place %s/%s yet: %s: %s", md["namespace"], md["name"], decision.reason, decision.message)
-            await asyncio.to_thread(events.post, vm, "FailedScheduling", f"{decision.reason}: {decision.message}",
-                                    warning=True, component=meta.CONTROLLER_MANAGER)
+            self._post_event(vm, "FailedScheduling", f"{decision.reason}: {decision.message}", warning=True)
 
     # -- retries
 
-    async def _run(self, key: VMKey) -> None:
+    async def _run(self, key: VMKey, vm: Mapping | None = None) -> None:
         """Reconcile one VM, never twice at once: a call during an attempt asks for one more."""
         if key.uid in self._again:
             self._again[key.uid] = True
@@ -180,7 +208,8 @@ class Scheduler:
         self._again[key.uid] = False
         try:
             while True:
-                delay, generation = await self._attempt(key)
+                delay, generation = await self._attempt(key, vm)
+                vm = None  # another attempt reads the VM afresh
                 if not self._again[key.uid]:
                     break
                 self._again[key.uid] = False
@@ -189,9 +218,9 @@ class Scheduler:
         if delay is not None:
             self._schedule_retry(key, generation, delay)
 
-    async def _attempt(self, key: VMKey) -> tuple[float | None, int | None]:
+    async def _attempt(self, key: VMKey, vm: Mapping | None = None) -> tuple[float | None, int | None]:
         try:
-            return await self.reconcile(key)
+            return await self.reconcile(key, vm)
         except Exception:
             log.exception("placement of %s/%s failed; retrying in %ss", key.namespace, key.name,
                           self.retry_seconds)
@@ -234,10 +263,15 @@ async def apply_status(vm: Mapping, build: Callable[[bool], dict]) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, scheduler: Scheduler) -> None:
+    @kopf.on.startup(id="placement-threads", registry=registry)
+    async def threads(**_) -> None:
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"))
+
     @kopf.on.event(meta.GROUP, meta.VERSION, resources.VMS, id="placement", registry=registry)
     async def vm_event(event: Mapping, body: kopf.Body, **_) -> None:
         metrics.vm_event(event)
-        await scheduler.on_event(event.get("type"), body)
+        await scheduler.on_event(event.get("type"), event.get("object") or body)
 
     @kopf.on.cleanup(id="placement-retries", registry=registry)
     async def stop_retries(**_) -> None:

@@ -2,7 +2,7 @@
 
 from libvirt_operator.api import meta
 from libvirt_operator.controller import placement as p
-from libvirt_operator.controller.placement import DiskUse, Node, Reservations, VMRef
+from libvirt_operator.controller.placement import DiskUse, Node, VMRef
 
 GI = 2**30
 
@@ -95,22 +95,6 @@ def test_read_only_sharing_is_allowed():
     assert p.decide(vm(disks=writer), [Node("a", 8 * GI)], {"a"}, placed).node is None
 
 
-def test_reservations_count_until_the_listing_shows_the_label():
-    r = Reservations()
-    r.add(vm("x", 2 * GI, node="a"))
-    listed = [vm("x", 2 * GI), vm("y", GI, node="a")]  # the listing predates x's label
-    assert p.used_memory(r.combine(listed)) == {"a": 3 * GI}
-    listed = [vm("x", 2 * GI, node="a"), vm("y", GI, node="a")]
-    assert p.used_memory(r.combine(listed)) == {"a": 3 * GI}  # not twice
-    assert r.by_uid == {}
-
-
-def test_reservations_of_deleted_vms_are_dropped():
-    r = Reservations()
-    r.add(vm("x", 2 * GI, node="a"))
-    assert r.combine([]) == [] and r.by_uid == {}
-
-
 def test_vm_ref_reads_the_wire_form():
     obj = {
         "metadata": {"uid": "u1", "namespace": "ns", "name": "web", "labels": {meta.NODE_LABEL: "n1"}},
@@ -129,15 +113,6 @@ def test_vm_ref_reads_the_wire_form():
 def test_human_bytes():
     assert [p.human_bytes(n) for n in (512, 2048, 1536 * 2**20, 3 * GI, 2**40 + 2**39)] == [
         "512", "2Ki", "1.5Gi", "3Gi", "1.5Ti"]
-
-
-def test_a_cached_listing_older_than_a_reservation_keeps_it():
-    r = Reservations()
-    r.add(vm("x", 2 * GI, node="a"), at=10.0)
-    # A listing read before the placement (reused from a cache) neither shows x nor confirms it.
-    assert p.used_memory(r.combine([], listed_at=9.0)) == {"a": 2 * GI}
-    # A listing read after it that no longer shows x drops the reservation.
-    assert p.used_memory(r.combine([], listed_at=11.0)) == {}
 
 
 def test_a_vm_that_may_grow_reserves_its_ceiling():
