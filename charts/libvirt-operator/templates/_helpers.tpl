@@ -44,3 +44,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "lvo.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
+
+{{/* A component's image: include "lvo.componentImage" (list . .Values.controller.image); the
+     component's repository and tag default to the global image's. */}}
+{{- define "lvo.componentImage" -}}
+{{- $ctx := index . 0 -}}{{- $own := index . 1 | default dict -}}
+{{ $own.repository | default $ctx.Values.image.repository }}:{{ $own.tag | default $ctx.Values.image.tag | default $ctx.Chart.AppVersion }}
+{{- end }}
