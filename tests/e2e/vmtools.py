@@ -121,3 +121,62 @@ def _brief(vm: dict | None) -> str:
     if vm is None:
         return "(absent)"
     return str({"labels": vm["metadata"].get("labels"), "status": vm.get("status")})
+
+
+# -- proofs from inside the guest and from the host -------------------------------------------------
+
+def guest_run(dom: libvirt.virDomain, command: str, timeout: float = 30) -> str:
+    """Runs `sh -c command` in the guest through qemu-ga guest-exec; returns its stdout (raises on failure)."""
+    import base64
+    import json
+
+    import libvirt_qemu
+
+    def agent(cmd: str, **args) -> dict:
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": cmd, "arguments": args}), 10, 0)
+        return json.loads(reply)["return"]
+
+    pid = agent("guest-exec", path="/bin/sh", arg=["-c", command], **{"capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = agent("guest-exec-status", pid=pid)
+        if st.get("exited"):
+            out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+            if st.get("exitcode", 0) != 0:
+                err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+                raise AssertionError(f"guest command {command!r} exited {st.get('exitcode')}: {err or out}")
+            return out
+        time.sleep(0.1)
+    raise AssertionError(f"guest command {command!r} did not finish within {timeout}s")
+
+
+def wait_guest(dom: libvirt.virDomain, command: str, check: Callable[[str], bool], what: str,
+               timeout: float = 60) -> str:
+    """Runs `command` in the guest until `check(stdout)` holds."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        try:
+            out = guest_run(dom, command)
+        except (AssertionError, libvirt.libvirtError, KeyError) as exc:
+            out = f"<{exc}>"
+        if check(out):
+            return out
+        time.sleep(0.3)
+    raise AssertionError(f"guest: timed out waiting for {what}; last output of {command!r}: {out!r}")
+
+
+def qemu_pid(uuid: str) -> int | None:
+    """The PID of the QEMU process running the domain with this UUID (nodes share the host's PID namespace)."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and b"qemu-system" in cmdline[0] and uuid.encode() in cmdline:
+            return int(proc.name)
+    return None

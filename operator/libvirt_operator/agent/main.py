@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,12 +11,14 @@ import kopf
 
 from libvirt_operator.agent import health, heartbeat, recovery
 from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.liveupdate.plan import HostCaps
 from libvirt_operator.agent.reconcile import Reconciler
 from libvirt_operator.agent.store import VMStore, key_of
 from libvirt_operator.agent.workqueue import WorkQueue
 from libvirt_operator.api import meta
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.host import Host
+from libvirt_operator.kube import events
 from libvirt_operator.metrics import agent as metrics
 
 log = logging.getLogger("libvirt_operator.agent")
@@ -38,7 +41,11 @@ class Agent:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="blocking"))
         self.host.subscribe(self._on_libvirt_event)
         await self.host.connect()
-        self.reconciler.has_kvm = (await self.host.info()).has_kvm
+        info = await self.host.info()
+        self.reconciler.has_kvm = info.has_kvm
+        # QEMU 7.2/libvirt 9.0 (TCG, q35): a live vCPU unplug times out in libvirt and leaves its vCPU
+        # count stale, and a later DIMM attach can crash QEMU. A lower vCPU count waits for a restart.
+        self.reconciler.caps = HostCaps(cpus=info.cpus, vcpu_unplug=False, dimm_unplug=True)
         self.queue.start()
         self._tasks = [
             asyncio.create_task(heartbeat.run(self.cfg.namespace, self.cfg.node_name,
@@ -65,13 +72,24 @@ class Agent:
 
     def _on_libvirt_event(self, event) -> None:
         if isinstance(event, ConnectionEvent):
-            if event.state == "restored":
-                self._enqueue_all()
+            # Lost: every VM reports that libvirt is unreachable; restored: every VM is looked at again.
+            self._enqueue_all()
+            self._node_event(event)
             return
         if isinstance(event, DomainEvent):
             key = self.store.key_for_uid(event.uuid)
             if key is not None:
                 self.queue.add(key)
+
+    def _node_event(self, event: ConnectionEvent) -> None:
+        lost = event.state == "lost"
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.cfg.node_name, "namespace": "default",
+                                                                 "uid": self.cfg.node_name}}
+        message = (f"libvirt at {self.cfg.libvirt_uri} unreachable ({event.reason}); its VMs report LibvirtUnavailable"
+                   if lost else f"libvirt at {self.cfg.libvirt_uri} reachable again")
+        asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            events.post, node, "LibvirtUnavailable" if lost else "LibvirtRestored", message, warning=lost,
+            component="libvirt-operator-agent"))
 
     def _enqueue_all(self) -> None:
         for key in self.store.all_keys():

@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, replace
 
 UP_PHASES = {"Running", "Paused", "Starting"}
+# A graceful shutdown request is sent again this often until its timeout (a guest still
+# booting ignores the ACPI button; a guest agent may not be up yet).
+RESEND_SECONDS = 5.0
 ACTIVE_STATES = {"running", "paused", "blocked", "pmsuspended", "shutdown"}
 
 
@@ -43,6 +46,7 @@ class History:
     phase: str | None = None
     halted_generation: int | None = None
     shutdown_elapsed: float | None = None  # seconds since a graceful shutdown was requested
+    shutdown_sent_elapsed: float | None = None  # seconds since the request was last sent
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,11 @@ def reassess(want: Desired, seen: Observed, done: Decision, past: History) -> De
 
     `halt` is set when the VM halted: by `done`, or during the pass (the domain stopped
     after the first observation), so that the halt is recorded either way."""
+    sent = done.action is Action.SHUTDOWN
     hist = History(phase=done.phase if done.action is not Action.NONE else past.phase,
                    halted_generation=want.generation if done.halt else past.halted_generation,
-                   shutdown_elapsed=past.shutdown_elapsed)
+                   shutdown_elapsed=past.shutdown_elapsed if past.shutdown_elapsed is not None or not sent else 0.0,
+                   shutdown_sent_elapsed=0.0 if sent else past.shutdown_sent_elapsed)
     after = decide(want, seen, hist)
     if done.halt:
         after = replace(after, halt=True)
@@ -133,8 +139,14 @@ def _stop(want: Desired, seen: Observed, past: History) -> Decision:
                         f"{want.shutdown_mode} shutdown requested", requeue=min(want.shutdown_timeout, 5))
     remaining = want.shutdown_timeout - past.shutdown_elapsed
     if remaining > 0:
+        since_sent = past.shutdown_sent_elapsed if past.shutdown_sent_elapsed is not None else past.shutdown_elapsed
+        if since_sent >= RESEND_SECONDS and seen.state != "shutdown":
+            return Decision(Action.SHUTDOWN, phase, False, "ShuttingDown",
+                            f"{want.shutdown_mode} shutdown sent again ({int(remaining)}s left)",
+                            requeue=min(remaining, RESEND_SECONDS))
+        wait = min(remaining, RESEND_SECONDS - since_sent) if seen.state != "shutdown" else min(remaining, 2)
         return Decision(Action.NONE, phase, False, "ShuttingDown",
-                        f"waiting for the guest to power off ({int(remaining)}s left)", requeue=min(remaining, 5))
+                        f"waiting for the guest to power off ({int(remaining)}s left)", requeue=max(wait, 0.2))
     if want.force_after_timeout or want.deleting:
         return Decision(Action.DESTROY, phase, False, "PoweringOff",
                         f"the guest did not power off within {int(want.shutdown_timeout)}s; forcing power-off")

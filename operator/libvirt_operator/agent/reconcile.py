@@ -1,34 +1,37 @@
-"""Level-based reconciliation of one VirtualMachine against this node's libvirt domain."""
+"""Level-based reconciliation of one VirtualMachine against this node's libvirt domain.
+
+One pass: checks -> definition -> one-shot requests -> one power action -> live update ->
+status. Each step lives in its own module; this one orders them and turns every error into
+status (nothing fails in a loop without saying why)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
-from libvirt_operator.agent import power, requests, status, storage
+from libvirt_operator.agent import checks, define, power, power_actions, report, requests, teardown
 from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.liveupdate.apply import LiveUpdater
+from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
-from libvirt_operator.api.base import utcnow
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
-from libvirt_operator.domain.addresses import carry_over_addresses
 from libvirt_operator.domain.config import DomainConfig
+from libvirt_operator.domain.errors import RenderError
 from libvirt_operator.domain.naming import default_domain_name
-from libvirt_operator.domain.render import render_domain
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
-from libvirt_operator.kube import conditions, events, resources
-from libvirt_operator.kube.conditions import Cond
+from libvirt_operator.kube import events, resources
 from libvirt_operator.metrics import agent as metrics
 
 log = logging.getLogger(__name__)
 COMPONENT = "libvirt-operator-agent"
+LIVE_STATES = {"running", "paused", "blocked"}
 
 
 class Reconciler:
@@ -37,6 +40,8 @@ class Reconciler:
         self.host = host
         self.store = store
         self.has_kvm = False  # learned from the host's domain capabilities at startup
+        self.caps = HostCaps(cpus=1)  # likewise
+        self.live = LiveUpdater()
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
 
@@ -56,8 +61,8 @@ class Reconciler:
         except HypervisorError as exc:
             outcome.result = "libvirt_error"
             log.warning("%s/%s: %s: %s", *key, exc.reason, exc.message)
-            await self._report_failure(obj, exc.reason, exc.message)
-            return self._backoff(key)
+            await self._failed(obj, exc.reason, exc.message)
+            return self._backoff(key, cap=5.0 if exc.reason == "ConnectionLost" else 60.0)
         except ApiException as exc:
             outcome.result = {404: "gone", 409: "conflict"}.get(exc.status, "api_error")
             if exc.status == 404:
@@ -66,10 +71,15 @@ class Reconciler:
                 return 0.2
             log.warning("%s/%s: API error %s: %s", *key, exc.status, exc.reason)
             return self._backoff(key)
+        except Exception as exc:  # a bug: say so in status rather than loop silently
+            outcome.result = "error"
+            log.exception("%s/%s: reconcile failed", *key)
+            await self._failed(obj, "InternalError", f"{type(exc).__name__}: {exc}")
+            return self._backoff(key)
 
-    def _backoff(self, key: Key) -> float:
+    def _backoff(self, key: Key, cap: float = 60.0) -> float:
         n = self._failures[key] = self._failures.get(key, 0) + 1
-        return min(2.0 ** n, 60.0)
+        return min(2.0 ** n, cap)
 
     # -- the pass ----------------------------------------------------------------------------
 
@@ -78,65 +88,120 @@ class Reconciler:
         deleting = bool(md.get("deletionTimestamp"))
         if deleting and meta.AGENT_FINALIZER not in (md.get("finalizers") or []):
             return None
-        spec = VirtualMachineSpec.model_validate(obj["spec"])
+        try:
+            spec = VirtualMachineSpec.model_validate(obj["spec"])
+        except ValidationError as exc:
+            await self._failed(obj, "InvalidSpec", str(exc).replace("\n", " "), lookup=False)
+            return None
         guest = await self.host.lookup(md["uid"])
         if deleting:
-            return await self._teardown(obj, spec, guest)
+            return await teardown.run(self, obj, spec, guest)
         if meta.AGENT_FINALIZER not in (md.get("finalizers") or []):
-            obj = await self._set_finalizer(obj, add=True)
+            obj = await self.set_finalizer(obj, add=True)
 
-        problems = storage.outside_roots(spec, self.cfg.storage_roots)
-        if problems:
-            await self._report_failure(obj, "PathNotAllowed", "; ".join(problems), guest)
+        problem = checks.paths(spec, self.cfg.storage_roots)
+        if problem is not None and not (problem.reason == "FileNotFound" and guest is not None):
+            await self._failed(obj, problem.reason, problem.message, guest)
+            return None if problem.reason == "PathNotAllowed" else 30.0
+        unavailable = checks.host_devices(spec)
+        runnable = checks.without(spec, set(unavailable))
+        try:
+            wanted = define.render(obj, runnable, domain_type=self._domain_type(spec),
+                                   console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"))
+        except RenderError as exc:
+            await self._failed(obj, "InvalidSpec", str(exc), guest)
             return None
-        guest = await self._ensure_defined(obj, spec, guest)
         if guest is None:
-            return 30.0
-
-        st = obj.get("status") or {}
-        outcomes = await self._run_requests(obj, guest)
-        seen = await self._observe(guest)
-        decision = power.decide(self._desired(obj, spec), seen, self._history(st))
-        await self._act(obj, spec, guest, decision)
-        seen = await self._observe(guest)
-        return await self._report(obj, spec, guest, seen, decision, outcomes)
-
-    async def _ensure_defined(self, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> Guest | None:
-        md = obj["metadata"]
-        name = default_domain_name(md["namespace"], md["name"])
-        if guest is None:
-            missing = storage.missing_files(spec)
-            if missing:
-                await self._report_failure(obj, "FileNotFound", "; ".join(missing))
-                return None
-            other = await self.host.lookup_by_name(name)
+            other = await self.host.lookup_by_name(self._name(obj))
             if other is not None:
-                await self._report_failure(obj, "DomainNameConflict",
-                                           f"domain {name} exists on this node with another uuid ({other.uuid})")
+                await self._failed(obj, "DomainNameConflict",
+                                   f"domain {other.name} exists on this node with another uuid ({other.uuid})")
                 return None
-        wanted = self._render(obj, spec, name)
-        if guest is not None:
-            stored = DomainConfig.from_xml(await guest.xml(inactive=True))
-            if not stored.is_stale(wanted):
-                return guest
-            carry_over_addresses(wanted, stored)  # devices keep their PCI slots (and guest names)
-        verb = "Redefined" if guest is not None else "Defined"
-        guest = await self.host.define(wanted.to_xml())
-        await self._event(obj, verb, f"domain {name} {verb.lower()} on {self.cfg.node_name}")
-        return guest
+        defined = await define.ensure(self.host, guest, wanted)
+        guest = defined.guest
+        if defined.verb:
+            await self.event(obj, defined.verb, f"domain {guest.name} {defined.verb.lower()} on {self.cfg.node_name}")
+        return await self._converge(obj, spec, runnable, defined, unavailable)
 
-    def _render(self, obj: dict, spec: VirtualMachineSpec, name: str) -> DomainConfig:
-        md = obj["metadata"]
-        return render_domain(
-            spec, name=name, uuid=md["uid"], namespace=md["namespace"], vm_name=md["name"],
-            generation=md.get("generation", 1), domain_type=self._resolve_domain_type(spec),
-            console_log=str(self.cfg.console_log_dir / f"{name}.console.log"),
-        )
+    async def _converge(self, obj, spec, runnable, defined: define.Defined, unavailable) -> float | None:
+        guest = defined.guest
+        outcomes = await self._run_requests(obj, guest)
+        st = obj.get("status") or {}
+        restarting = requests.restart_in_progress(obj["spec"], st)
+        seen = await self.observe(guest)
+        if seen.state not in power.ACTIVE_STATES:
+            for grown in await define.grow_offline(runnable):
+                await self.event(obj, "DiskGrown", grown)
+        want = self.desired(obj, spec, stopping=restarting is not None and seen.state in power.ACTIVE_STATES)
+        decision = power.decide(want, seen, self.history(st))
+        if restarting and seen.state not in power.ACTIVE_STATES:
+            decision = power.Decision(power.Action.START_PAUSED if spec.power_state == "Paused" else power.Action.START,
+                                      "Starting", False, "Restarting", "started again (restart request)")
+        refused = await power_actions.act(obj, spec, guest, decision, self._eventer(obj))
+        if restarting:
+            outcomes.update(await self._restart_progress(obj, decision, refused, restarting))
+        still_restarting = restarting is not None and outcomes["lastRestart"]["result"] == "InProgress"
+        seen = await self.observe(guest)
+        if spec.power_state == "Stopped" or still_restarting:
+            live = report.Live(facts_xml=defined.stored, running=False)  # going down: nothing to update live
+        else:
+            live = await self._live_update(obj, guest, defined, runnable, seen)
+        want = self.desired(obj, spec, stopping=still_restarting and seen.state in power.ACTIVE_STATES)
+        after = power.reassess(want, seen, decision, self.history(st))
+        stopping = seen.state in power.ACTIVE_STATES and (spec.power_state == "Stopped" or still_restarting)
+        rep = report.for_pass(obj, spec, guest, after, stopping, outcomes, live, unavailable, refused)
+        await self.write(obj, rep)
+        if after.halt and st.get("haltedGeneration") != obj["metadata"].get("generation", 1):
+            await self.event(obj, after.reason, after.message, warning=True)
+        requeue = [t for t in (after.requeue, decision.requeue, live.requeue) if t is not None]
+        return min(requeue) if requeue else None
 
-    def _resolve_domain_type(self, spec: VirtualMachineSpec) -> str:
+    async def _live_update(self, obj, guest: Guest, defined: define.Defined, runnable, seen) -> report.Live:
+        """Plans and applies the live steps; the outcome, re-planned on the domain as it now is."""
+        if seen.state not in LIVE_STATES:
+            return report.Live(facts_xml=defined.stored, running=False)
+        sizes = define.wanted_sizes(runnable)
+        xml = await guest.xml()
+        live = DomainConfig.from_xml(xml)
+        caps = await self._capacities(guest, live, sizes)
+        p = plan(defined.wanted, live, defined.stored, caps=self.caps, sizes=sizes, capacities=caps)
+        booted = live.operator_metadata.generation if live.operator_metadata else None
+        gen = obj["metadata"].get("generation", 1)
+        result = None
+        if p.steps:
+            result = await self.live.apply(guest, p.steps)
+            if result.done:
+                what = ", ".join(s.describe() for s in result.done)
+                drift = booted == gen
+                await self.event(obj, "DriftCorrected" if drift else "LiveUpdated",
+                                 ("put back what changed behind the operator's back: " if drift else "") + what,
+                                 warning=drift)
+            xml = await guest.xml()
+            live = DomainConfig.from_xml(xml)
+            caps = await self._capacities(guest, live, sizes)
+            p = plan(defined.wanted, live, defined.stored, caps=self.caps, sizes=sizes, capacities=caps)
+        if p.converged and booted != gen and live.operator_metadata is not None:
+            live.operator_metadata.generation = gen
+            await guest.set_operator_metadata(live.operator_metadata.to_api_xml(), live=True)
+            booted = gen
+        return report.Live(facts_xml=live, running=True, xml=xml, plan=p, result=result, matched_generation=booted,
+                           capacities=caps, requeue=2.0 if result and result.waiting else None)
+
+    async def _capacities(self, guest: Guest, live: DomainConfig, sizes: dict[str, int]) -> dict[str, int]:
+        out = {}
+        for disk in live.devices.disks:
+            if disk.alias in sizes and disk.target_dev:
+                out[disk.alias] = (await guest.block_info(disk.target_dev))[0]
+        return out
+
+    def _domain_type(self, spec: VirtualMachineSpec) -> str:
         if spec.domain_type != "auto":
             return spec.domain_type
         return "kvm" if self.has_kvm else "qemu"
+
+    @staticmethod
+    def _name(obj: dict) -> str:
+        return default_domain_name(obj["metadata"]["namespace"], obj["metadata"]["name"])
 
     # -- one-shot requests ---------------------------------------------------------------------
 
@@ -147,40 +212,46 @@ class Reconciler:
         outcomes.update(interrupted)
         for req in todo:
             field = requests.REQUESTS[req.kind]
-            seen = await self._observe(guest)
-            if seen.state not in ("running", "blocked"):
+            seen = await self.observe(guest)
+            if seen.state not in ("running", "blocked", "paused" if req.kind == "restart" else "running"):
                 outcomes[field] = requests.outcome(req.id, "Failed", f"the VM is not running ({seen.state})")
                 continue
             # Record the attempt first: a crash after the action must not repeat it.
             outcomes[field] = requests.outcome(req.id, "InProgress")
-            await self._write(obj, await self._report_now(obj, guest, outcomes))
+            await self.write(obj, report.now(obj, guest, seen, outcomes))
+            if req.kind == "restart":
+                obj.setdefault("status", {}).pop("shutdown", None)
+                mode = obj["spec"].get("shutdown", {}).get("mode", "acpi")
+                await self.event(obj, "Restarting", f"restart {req.id}: {mode} shutdown, then start")
+                continue
             try:
                 if req.kind == "reboot":
                     await guest.reboot(req.mode or "acpi")
                 else:
                     await guest.reset()
                 outcomes[field] = requests.outcome(req.id, "Succeeded")
-                await self._event(obj, req.kind.capitalize(), f"{req.kind} {req.id} done")
+                await self.event(obj, req.kind.capitalize(), f"{req.kind} {req.id} done")
             except HypervisorError as exc:
                 outcomes[field] = requests.outcome(req.id, "Failed", f"{exc.reason}: {exc.message}")
-                await self._event(obj, f"{req.kind.capitalize()}Failed", exc.message, warning=True)
+                await self.event(obj, f"{req.kind.capitalize()}Failed", exc.message, warning=True)
         return outcomes
 
-    async def _report_now(self, obj: dict, guest: Guest, outcomes: dict) -> status.Report:
-        st = obj.get("status") or {}
-        seen = await self._observe(guest)
-        phase = st.get("phase") or "Running"
-        ready = Cond("Ready", seen.state == "running", "Running" if seen.state == "running" else "NotRunning")
-        return status.Report(phase=phase, ready=ready, generation=obj["metadata"].get("generation", 1),
-                             domain={"name": guest.name, "uuid": guest.uuid},
-                             halted_generation=st.get("haltedGeneration"), shutdown=st.get("shutdown"),
-                             requests=outcomes)
+    async def _restart_progress(self, obj, decision: power.Decision, refused, id_: str) -> dict[str, dict]:
+        if decision.action in (power.Action.START, power.Action.START_PAUSED):
+            obj.setdefault("status", {}).pop("shutdown", None)
+            await self.event(obj, "Restarted", f"restart {id_} done")
+            return {"lastRestart": requests.outcome(id_, "Succeeded")}
+        if decision.timed_out:
+            obj.setdefault("status", {}).pop("shutdown", None)
+            await self.event(obj, "RestartFailed", decision.message, warning=True)
+            return {"lastRestart": requests.outcome(id_, "Failed", decision.message)}
+        return {}
 
     # -- power ---------------------------------------------------------------------------------
 
-    def _desired(self, obj: dict, spec: VirtualMachineSpec) -> power.Desired:
+    def desired(self, obj: dict, spec: VirtualMachineSpec, stopping: bool) -> power.Desired:
         return power.Desired(
-            power_state=spec.power_state, restart_policy=spec.restart_policy,
+            power_state="Stopped" if stopping else spec.power_state, restart_policy=spec.restart_policy,
             shutdown_mode=spec.shutdown.mode, shutdown_timeout=float(spec.shutdown.timeout_seconds),
             force_after_timeout=spec.shutdown.force_after_timeout,
             generation=obj["metadata"].get("generation", 1),
@@ -188,106 +259,47 @@ class Reconciler:
         )
 
     @staticmethod
-    def _history(st: dict) -> power.History:
-        elapsed = None
-        if st.get("shutdown", {}).get("requestedAt"):
-            started = datetime.fromisoformat(st["shutdown"]["requestedAt"].replace("Z", "+00:00"))
-            elapsed = (datetime.now(UTC) - started).total_seconds()
+    def history(st: dict) -> power.History:
+        shutdown = st.get("shutdown") or {}
         return power.History(phase=st.get("phase"), halted_generation=st.get("haltedGeneration"),
-                             shutdown_elapsed=elapsed)
+                             shutdown_elapsed=_since(shutdown.get("requestedAt")),
+                             shutdown_sent_elapsed=_since(shutdown.get("lastSentAt")))
 
-    async def _observe(self, guest: Guest) -> power.Observed:
+    async def observe(self, guest: Guest) -> power.Observed:
         ps = await guest.state()
         return power.Observed(ps.state, ps.reason)
 
-    async def _act(self, obj: dict, spec: VirtualMachineSpec, guest: Guest, d: power.Decision) -> None:
-        A = power.Action
-        if d.action is A.NONE:
-            return
-        log.info("%s/%s: %s", obj["metadata"]["namespace"], obj["metadata"]["name"], d.action.value)
-        if d.action in (A.START, A.START_PAUSED):
-            await guest.start(paused=d.action is A.START_PAUSED)
-            await self._event(obj, "Started", d.message or f"started on {self.cfg.node_name}")
-        elif d.action is A.RESUME:
-            await guest.resume()
-            await self._event(obj, "Resumed", "vCPUs resumed")
-        elif d.action is A.SUSPEND:
-            await guest.suspend()
-            await self._event(obj, "Paused", "vCPUs paused")
-        elif d.action is A.SHUTDOWN:
-            if (await guest.state()).state == "paused":
-                await guest.resume()
-            await guest.shutdown(spec.shutdown.mode)
-            obj.setdefault("status", {})["shutdown"] = {
-                "mode": spec.shutdown.mode, "requestedAt": utcnow()}
-            await self._event(obj, "ShuttingDown", f"{spec.shutdown.mode} shutdown requested")
-        elif d.action is A.DESTROY:
-            await guest.destroy()
-            await self._event(obj, "PoweredOff", d.message or "powered off", warning=bool(d.message))
+    def _eventer(self, obj: dict):
+        async def post(reason: str, message: str, warning: bool = False) -> None:
+            await self.event(obj, reason, message, warning)
+        return post
 
     # -- status --------------------------------------------------------------------------------
 
-    async def _report(self, obj, spec, guest, seen, d: power.Decision, outcomes) -> float | None:
+    async def _failed(self, obj: dict, reason: str, message: str, guest: Guest | None = None,
+                      lookup: bool = True) -> None:
+        """Reports a failure; when libvirt is unreachable nothing more is asked of it."""
+        active = None
+        if reason != "ConnectionLost" and lookup:
+            try:
+                guest = guest or await self.host.lookup(obj["metadata"]["uid"])
+                active = guest is not None and (await self.observe(guest)).state in power.ACTIVE_STATES
+            except HypervisorError:
+                guest, active = None, None
         st = obj.get("status") or {}
-        gen = obj["metadata"].get("generation", 1)
-        deleting = bool(obj["metadata"].get("deletionTimestamp"))
-        active = seen.state in power.ACTIVE_STATES
-        was_halted = st.get("haltedGeneration") == gen
-        after = power.reassess(self._desired(obj, spec), seen, d, self._history(st))
-        halted = gen if was_halted or after.halt else None
-        stopping = active and (spec.power_state == "Stopped" or deleting)
-        failure = Cond("Failure", True, "ShutdownTimeout", after.message) if after.timed_out else None
-        report = status.Report(
-            phase=after.phase, generation=gen,
-            ready=Cond("Ready", after.converged and failure is None, after.reason, after.message),
-            domain={"name": guest.name, "uuid": guest.uuid},
-            agent_connected=await self._agent_condition(spec, guest, active),
-            failure=failure, halted_generation=halted,
-            shutdown=st.get("shutdown") if stopping else None, requests=outcomes,
-        )
-        await self._write(obj, report)
-        if after.halt and not was_halted:
-            await self._event(obj, after.reason, after.message, warning=True)
-        return after.requeue if after.requeue is not None else d.requeue
-
-    async def _agent_condition(self, spec: VirtualMachineSpec, guest: Guest, active: bool) -> Cond | None:
-        if not spec.guest_agent:
-            return None
-        if not active:
-            return Cond("AgentConnected", False, "DomainNotRunning")
-        connected = await guest.agent_connected()
-        return Cond("AgentConnected", connected, "Connected" if connected else "NotConnected",
-                    "" if connected else "qemu-guest-agent has not connected on its channel")
-
-    async def _report_failure(self, obj: dict, reason: str, message: str, guest: Guest | None = None) -> None:
-        st = obj.get("status") or {}
-        gen = obj["metadata"].get("generation", 1)
-        previous = conditions.find(st, "Failure") or {}
-        fresh = st.get("observedGeneration") != gen or previous.get("reason") != reason
-        spec = VirtualMachineSpec.model_validate(obj["spec"])
-        guest = guest or await self.host.lookup(obj["metadata"]["uid"])
-        active = guest is not None and (await self._observe(guest)).state in power.ACTIVE_STATES
-        report = status.Report(
-            phase=(st.get("phase") or "Failed") if active else "Failed",
-            generation=gen, ready=Cond("Ready", False, reason, message),
-            domain={"name": guest.name, "uuid": guest.uuid} if guest else None,
-            agent_connected=await self._agent_condition(spec, guest, active) if guest else None,
-            failure=Cond("Failure", True, reason, message),
-            halted_generation=st.get("haltedGeneration"), shutdown=st.get("shutdown"),
-            requests=requests.carried(st),
-        )
-        await self._write(obj, report)
+        fresh = report.previous_reason(st) != reason or (conditions_generation(st) != obj["metadata"].get("generation"))
+        await self.write(obj, report.failure(obj, reason, message, guest, active, self.cfg))
         if fresh:
-            await self._event(obj, reason, message, warning=True)
+            await self.event(obj, reason, message, warning=True)
 
-    async def _write(self, obj: dict, report: status.Report) -> None:
-        updated = await status.apply(obj, report)
+    async def write(self, obj: dict, rep: report.status.Report) -> None:
+        updated = await report.status.apply(obj, rep)
         if updated is not None:
             self.store.put(updated)
             obj["status"] = updated.get("status", {})
             obj["metadata"]["resourceVersion"] = updated["metadata"]["resourceVersion"]
 
-    async def _event(self, obj: dict, reason: str, message: str, warning: bool = False) -> None:
+    async def event(self, obj: dict, reason: str, message: str, warning: bool = False) -> None:
         """Post in the background: Events are advisory and must not slow a reconcile pass."""
         snapshot = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": dict(obj["metadata"])}
         task = asyncio.create_task(asyncio.to_thread(
@@ -295,34 +307,7 @@ class Reconciler:
         self._pending_events.add(task)
         task.add_done_callback(self._pending_events.discard)
 
-    # -- deletion ------------------------------------------------------------------------------
-
-    async def _teardown(self, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> float | None:
-        if guest is not None:
-            seen = await self._observe(guest)
-            if seen.state in power.ACTIVE_STATES:
-                d = power.decide(self._desired(obj, spec), seen, self._history(obj.get("status") or {}))
-                await self._act(obj, spec, guest, d)
-                seen = await self._observe(guest)
-                if seen.state in power.ACTIVE_STATES:
-                    return await self._report(obj, spec, guest, seen, d, requests.carried(obj.get("status") or {}))
-            await guest.undefine()
-            await self._event(obj, "Undefined", f"domain {guest.name} removed from {self.cfg.node_name}")
-        if spec.disk_deletion_policy == "Delete":
-            await self._delete_disks(obj, spec)
-        await self._set_finalizer(obj, add=False)
-        return None
-
-    async def _delete_disks(self, obj: dict, spec: VirtualMachineSpec) -> None:
-        if storage.outside_roots(spec, self.cfg.storage_roots):
-            return  # never delete anything outside the storage roots
-        for disk in spec.disks:
-            if disk.device == "disk" and not disk.read_only and disk.path:
-                with contextlib.suppress(FileNotFoundError):
-                    await asyncio.to_thread(os.remove, disk.path)
-                    await self._event(obj, "DiskDeleted", f"deleted {disk.path} (diskDeletionPolicy: Delete)")
-
-    async def _set_finalizer(self, obj: dict, add: bool) -> dict:
+    async def set_finalizer(self, obj: dict, add: bool) -> dict:
         md = obj["metadata"]
         current = list(md.get("finalizers") or [])
         wanted = ([*current, meta.AGENT_FINALIZER] if add
@@ -332,3 +317,15 @@ class Reconciler:
         if add:
             self.store.put(updated)
         return updated
+
+
+def conditions_generation(st: dict) -> int | None:
+    ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return ready.get("observedGeneration")
+
+
+def _since(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    started = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (datetime.now(UTC) - started).total_seconds()

@@ -1,4 +1,4 @@
-"""Build and apply the agent's part of a VirtualMachine's status."""
+"""The agent's part of a VirtualMachine's status, built in one place and applied by server-side apply."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from libvirt_operator.kube.conditions import Cond
 log = logging.getLogger(__name__)
 
 # Status fields the agent owns (server-side apply removes what an apply omits).
-AGENT_FIELDS = ("phase", "observedGeneration", "domain", "haltedGeneration", "shutdown", "lastReboot", "lastReset")
-AGENT_CONDITIONS = ("Ready", "AgentConnected", "Failure")
+AGENT_FIELDS = ("phase", "observedGeneration", "domain", "haltedGeneration", "shutdown", "lastReboot", "lastReset",
+                "lastRestart", "vcpus", "memory", "disks", "interfaces", "pendingRestart")
+AGENT_CONDITIONS = ("Ready", "AgentConnected", "Failure", "RestartRequired", "Drifted", "HostDeviceUnavailable")
 
 
 @dataclass
@@ -24,25 +25,30 @@ class Report:
 
     phase: str
     ready: Cond
-    generation: int
+    generation: int  # metadata.generation this report judges (conditions' observedGeneration)
+    observed_generation: int | None = None  # newest generation the domain matches; None: generation; 0: omit
     domain: dict | None = None
     agent_connected: Cond | None = None
     failure: Cond | None = None
+    extra: list[Cond] = field(default_factory=list)  # RestartRequired, Drifted, HostDeviceUnavailable
     halted_generation: int | None = None
     shutdown: dict | None = None
-    requests: dict[str, dict] = field(default_factory=dict)  # lastReboot / lastReset
+    requests: dict[str, dict] = field(default_factory=dict)  # lastReboot / lastReset / lastRestart
+    devices: dict[str, Any] = field(default_factory=dict)  # vcpus, memory, disks, interfaces
+    pending_restart: list[str] = field(default_factory=list)
 
 
 def render(report: Report, current: dict | None) -> dict[str, Any]:
     current = current or {}
-    conds = [report.ready] + [c for c in (report.agent_connected, report.failure) if c]
-    status: dict[str, Any] = {
-        "phase": report.phase,
-        "observedGeneration": report.generation,
-        "conditions": conditions.render(conds, current.get("conditions"), report.generation),
-    }
+    conds = [report.ready] + [c for c in (report.agent_connected, report.failure, *report.extra) if c]
+    observed = report.generation if report.observed_generation is None else report.observed_generation
+    status: dict[str, Any] = {"phase": report.phase}
+    if observed:
+        status["observedGeneration"] = observed
+    status["conditions"] = conditions.render(conds, current.get("conditions"), report.generation)
     optional = {"domain": report.domain, "haltedGeneration": report.halted_generation,
-                "shutdown": report.shutdown, **report.requests}
+                "shutdown": report.shutdown, **report.requests, **report.devices,
+                "pendingRestart": report.pending_restart or None}
     status.update({k: v for k, v in optional.items() if v is not None})
     return status
 
@@ -53,6 +59,22 @@ def owned_view(status: dict | None) -> dict[str, Any]:
     view = {k: status[k] for k in AGENT_FIELDS if k in status}
     view["conditions"] = [c for c in status.get("conditions") or [] if c.get("type") in AGENT_CONDITIONS]
     return view
+
+
+def carried_conditions(status: dict | None, types: tuple[str, ...]) -> list[Cond]:
+    """Conditions already in status, kept by a report that does not judge them."""
+    out = []
+    for c in (status or {}).get("conditions") or []:
+        if c.get("type") in types:
+            value = {"True": True, "False": False}.get(c.get("status"))
+            out.append(Cond(c["type"], value, c.get("reason", ""), c.get("message", "")))
+    return out
+
+
+def carried_devices(status: dict | None) -> dict[str, Any]:
+    """Device facts already in status, kept when a pass cannot read the domain."""
+    status = status or {}
+    return {k: status[k] for k in ("vcpus", "memory", "disks", "interfaces") if k in status}
 
 
 async def apply(obj: dict, report: Report) -> dict | None:

@@ -243,6 +243,8 @@ class DomainRef(ApiModel):
 class ShutdownProgress(ApiModel):
     mode: str
     requested_at: str
+    last_sent_at: str | None = Field(None, description="When the request was last (re)sent to the guest.")
+    attempts: int | None = Field(None, description="How often the request was sent.")
 
 
 class DiskStatus(ApiModel):

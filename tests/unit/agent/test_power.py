@@ -80,12 +80,35 @@ def test_vm_stopped_on_request_starts_again_when_asked():
 def test_graceful_stop_then_wait_then_timeout():
     first = decide(want("Stopped"), RUNNING, History(phase="Running"))
     assert first.action is Action.SHUTDOWN and first.phase == "Stopping"
-    waiting = decide(want("Stopped", timeout=60), RUNNING, History(phase="Stopping", shutdown_elapsed=10))
-    assert waiting.action is Action.NONE and 0 < waiting.requeue <= 5
+    waiting = decide(want("Stopped", timeout=60), RUNNING,
+                     History(phase="Stopping", shutdown_elapsed=10, shutdown_sent_elapsed=2))
+    assert waiting.action is Action.NONE and 0 < waiting.requeue <= 3
     late = decide(want("Stopped", timeout=60), RUNNING, History(phase="Stopping", shutdown_elapsed=61))
     assert late.action is Action.NONE and late.timed_out and late.reason == "ShutdownTimeout"
     forced = decide(want("Stopped", timeout=60, force=True), RUNNING, History(shutdown_elapsed=61))
     assert forced.action is Action.DESTROY
+
+
+def test_a_graceful_request_is_sent_again_until_the_timeout():
+    # A guest still booting ignores the ACPI button: the request is repeated, as Nova does.
+    again = decide(want("Stopped", timeout=60), RUNNING,
+                   History(phase="Stopping", shutdown_elapsed=12, shutdown_sent_elapsed=5))
+    assert again.action is Action.SHUTDOWN and again.phase == "Stopping"
+    # not while the guest is already powering off
+    busy = decide(want("Stopped", timeout=60), Observed("shutdown", "user"),
+                  History(phase="Stopping", shutdown_elapsed=12, shutdown_sent_elapsed=6))
+    assert busy.action is Action.NONE
+    # after the timeout, deletion forces
+    late = decide(want(deleting=True, timeout=60), RUNNING, History(shutdown_elapsed=61, shutdown_sent_elapsed=5))
+    assert late.action is Action.DESTROY
+
+
+def test_reassess_after_sending_a_shutdown_waits_instead_of_resending():
+    from libvirt_operator.agent.power import reassess
+    w = want("Stopped", timeout=60)
+    first = decide(w, RUNNING, History(phase="Running"))
+    after = reassess(w, RUNNING, first, History(phase="Running"))
+    assert after.action is Action.NONE and after.reason == "ShuttingDown"
 
 
 def test_force_mode_powers_off_at_once():

@@ -1,0 +1,79 @@
+"""The persistent definition: render the spec, (re)define the domain when it is stale, grow
+disk images of a domain that is not running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+
+from libvirt_operator.api.quantity import to_bytes
+from libvirt_operator.api.virtualmachine import VirtualMachineSpec
+from libvirt_operator.domain import naming
+from libvirt_operator.domain.addresses import carry_over_addresses
+from libvirt_operator.domain.config import DomainConfig
+from libvirt_operator.domain.render import render_domain
+from libvirt_operator.hypervisor.guest import Guest
+from libvirt_operator.hypervisor.host import Host
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Defined:
+    guest: Guest
+    wanted: DomainConfig  # the render, with the stored definition's addresses carried over
+    stored: DomainConfig  # libvirt's persistent definition after this pass
+    verb: str | None  # "Defined" / "Redefined" when this pass wrote it
+
+
+def render(obj: dict, spec: VirtualMachineSpec, *, domain_type: str, console_log: str) -> DomainConfig:
+    """The domain for this object's spec (RenderError on a spec no domain can express)."""
+    md = obj["metadata"]
+    return render_domain(spec, name=naming.default_domain_name(md["namespace"], md["name"]), uuid=md["uid"],
+                         namespace=md["namespace"], vm_name=md["name"], generation=md.get("generation", 1),
+                         domain_type=domain_type, console_log=console_log)
+
+
+async def ensure(host: Host, guest: Guest | None, wanted: DomainConfig) -> Defined:
+    """Defines the domain, or redefines it when its definition was rendered from another spec."""
+    if guest is not None:
+        stored = DomainConfig.from_xml(await guest.xml(inactive=True))
+        if not stored.is_stale(wanted):
+            return Defined(guest, wanted, stored, None)
+        carry_over_addresses(wanted, stored)  # devices keep their PCI slots (and guest names)
+    verb = "Redefined" if guest is not None else "Defined"
+    guest = await host.define(wanted.to_xml())
+    stored = DomainConfig.from_xml(await guest.xml(inactive=True))
+    return Defined(guest, wanted, stored, verb)
+
+
+def wanted_sizes(spec: VirtualMachineSpec) -> dict[str, int]:
+    """Disk alias -> bytes, for the disks whose spec sets a size."""
+    return {naming.disk_alias(d.name): to_bytes(d.size) for d in spec.disks if d.size and d.device == "disk"}
+
+
+async def grow_offline(spec: VirtualMachineSpec) -> list[str]:
+    """Grows the images of a domain that is not running up to their spec size (never shrinks);
+    returns what was grown."""
+    grown = []
+    for disk in spec.disks:
+        if not (disk.size and disk.path and disk.device == "disk"):
+            continue
+        want = to_bytes(disk.size)
+        have = await asyncio.to_thread(_virtual_size, disk.path)
+        if have is not None and want > have:
+            await asyncio.to_thread(_resize, disk.path, disk.format or "qcow2", want)
+            grown.append(f"{disk.name}: {have} -> {want} bytes")
+    return grown
+
+
+def _virtual_size(path: str) -> int | None:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", path], capture_output=True, text=True)
+    return json.loads(out.stdout)["virtual-size"] if out.returncode == 0 else None
+
+
+def _resize(path: str, fmt: str, size: int) -> None:
+    subprocess.run(["qemu-img", "resize", "-f", fmt, path, str(size)], check=True, capture_output=True, text=True)
