@@ -100,13 +100,18 @@ def test_chart_speaks_the_operators_names(tmp_path):
     assert ds["spec"]["template"]["spec"]["nodeSelector"] == {meta.LIBVIRT_NODE_LABEL: "true"}
     agent = ds["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"] for e in agent["env"]} == {"NODE_NAME", "LIBVIRT_URI", "LVO_NAMESPACE", "LVO_STORAGE_ROOTS",
-                                                 "LVO_CONSOLE_LOG_DIR", "LVO_METRICS_PORT"}
+                                                 "LVO_CONSOLE_LOG_DIR", "LVO_METRICS_PORT", "LVO_HEALTH_PORT"}
     controller = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     scripts = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["scripts"]
     for container in (agent, controller):
         assert container["args"][0] in scripts, f"{container['args']} is no console script of the package"
         assert next(p for p in container["ports"] if p["name"] == "metrics")["containerPort"] == 8080
         assert {"name": "LVO_METRICS_PORT", "value": "8080"} in container["env"]
+        # Probes on the health endpoints the component serves (libvirt_operator.metrics.health).
+        health_port = next(p for p in container["ports"] if p["name"] == "health")["containerPort"]
+        assert {"name": "LVO_HEALTH_PORT", "value": str(health_port)} in container["env"]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
 
 
 def test_agent_mounts_follow_the_libvirt_mode(tmp_path):
