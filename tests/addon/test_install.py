@@ -286,6 +286,8 @@ def test_components_were_never_refused_and_rbac_holds_no_unused_rule(addon: Addo
         ("controller", "namespaces", "list"), ("controller", "namespaces", "watch"),
         # An agent reads a VM by name only when recovering a domain its watch has not delivered.
         ("agent", "virtualmachines", "get"),
+        # The controller writes a VMQosPolicy's status only when one exists; the scenario has none.
+        ("controller", "vmqospolicies/status", "patch"),
     }
     owners = addon.process_token_ids()
     used: dict[str, set[tuple[str, str]]] = defaultdict(set)
