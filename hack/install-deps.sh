@@ -7,7 +7,8 @@ APT_PACKAGES=(
   libvirt-daemon-system qemu-system-x86 qemu-utils   # the hypervisor stack
   ovmf                                                # UEFI firmware for boot.firmware: uefi
   libvirt-dev pkg-config gcc                          # to build libvirt-python
-  cpio busybox-static                                 # to pack the test guest
+  cpio busybox-static xz-utils                        # to pack the test guest
+  genisoimage                                         # ISO images for CD-ROM tests
   iproute2 openssl procps util-linux
 )
 missing=()

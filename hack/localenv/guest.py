@@ -29,7 +29,7 @@ def ensure_guest_image() -> GuestImage:
         raise RuntimeError(f"{BUILD_SCRIPT.name} failed:\n{result.stderr[-3000:]}")
     image_dir = Path(result.stdout.strip().splitlines()[-1])
     return GuestImage(
-        kernel=image_dir / "vmlinuz",
+        kernel=image_dir / "vmlinux",  # ELF, booted through PVH
         initrd=image_dir / "initrd.img",
         cmdline=(image_dir / "cmdline").read_text().strip(),
         ready_marker=(image_dir / "ready-marker").read_text().strip(),
