@@ -251,3 +251,27 @@ def test_prune_removes_only_stale_ifbs_of_ours(lab):
     assert gone == [ns.ifb_name("nic", "tap1")]
     links = lab.shaper.links()
     assert ns.ifb_name("nic", "tap0") in links and "otherifb" in links
+
+
+def test_node_plan_from_resolved_qos_mixes_own_rates_and_a_group(lab):
+    from libvirt_operator.api.qos import NicEffective, PortGroupRef, Rate
+
+    lab = lab(2)
+    group = PortGroupRef(name="default/pg", outbound=Rate(average_kib_per_second=600))
+    effs = [NicEffective(name="nic0", inbound=Rate(average_kib_per_second=700), port_group=group),
+            NicEffective(name="nic0", port_group=group)]
+    plan = ns.plan_node(zip(effs, lab.taps, lab.macs, strict=True))
+    assert plan.nics == [] and [g.name for g, _ in plan.groups] == ["default/pg"]
+    assert set(ns.apply_node(lab.shaper, plan)) == {"tap0", "tap1"}
+    assert ns.apply_node(lab.shaper, plan) == []  # idempotent
+    [inbound] = lab.transfers([lab.to_guest(0)])
+    assert_rate(inbound, 700)  # its own inbound rate, outside the group (the group has no inbound ceiling)
+    out = lab.transfers([lab.from_guest(0), lab.from_guest(1)])
+    assert_rate(sum(out), 600)
+    # the policy goes away: nothing is left on the taps, no IFB of ours remains
+    bare = ns.plan_node(zip([NicEffective(name="nic0")] * 2, lab.taps, lab.macs, strict=True))
+    assert set(ns.apply_node(lab.shaper, bare)) == {"tap0", "tap1"}
+    for tap in lab.taps:
+        state = lab.shaper.read(tap)
+        assert (state.root, state.ingress) == (None, False)
+    assert not [n for n, link in lab.shaper.links().items() if (link.get("ifalias") or "").startswith("lvo:")]

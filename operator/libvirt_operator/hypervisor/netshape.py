@@ -282,33 +282,41 @@ class Shaper:
 
     def apply_nic(self, nic: NicShape) -> bool:
         """Shapes one NIC (no port group); returns whether anything changed."""
-        plan = self.nic_plan(nic)
-        ifb = ifb_name("nic", nic.device)
-        want_in = _expected_classes(plan.get(nic.device, []))
-        want_out = _expected_classes(plan.get(ifb, []))
-        tap, changed = self.read(nic.device), False
-        if not _same(tap.classes, want_in) or (nic.inbound is None and tap.root is not None) \
-                or tap.egress_redirect_to is not None:
-            self._clear(nic.device, ingress=False)
-            self._batch(plan.get(nic.device, []))
-            changed = True
-        if nic.outbound:
-            self._ensure_ifb(ifb, f"{ALIAS_PREFIX}nic:{nic.device}")
-            if not _same(self.read(ifb).classes, want_out):
-                self._clear(ifb, ingress=False)
-                self._batch(plan[ifb])
-                changed = True
-            if tap.redirect_to != ifb:
-                self._clear(nic.device, root=False)
-                self._redirect_ingress(nic.device, ifb)
-                changed = True
-        else:
+        tap = self.read(nic.device)
+        inbound = self._nic_inbound(nic, tap)
+        return self._nic_outbound(nic, tap) or inbound
+
+    def _nic_inbound(self, nic: NicShape, tap: DeviceState) -> bool:
+        """The NIC's own tree on the tap's egress (or none)."""
+        commands = self.nic_plan(nic).get(nic.device, [])
+        if _same(tap.classes, _expected_classes(commands)) and tap.egress_redirect_to is None \
+                and (nic.inbound is not None or tap.root is None):
+            return False
+        self._clear(nic.device, ingress=False)
+        self._batch(commands)
+        return True
+
+    def _nic_outbound(self, nic: NicShape, tap: DeviceState) -> bool:
+        """The NIC's own IFB and the redirect to it (or neither)."""
+        ifb, changed = ifb_name("nic", nic.device), False
+        if nic.outbound is None:
             if tap.ingress:
                 self._clear(nic.device, root=False)
                 changed = True
             if ifb in self.links():
                 self._delete_link(ifb)
                 changed = True
+            return changed
+        commands = self.nic_plan(nic)[ifb]
+        self._ensure_ifb(ifb, f"{ALIAS_PREFIX}nic:{nic.device}")
+        if not _same(self.read(ifb).classes, _expected_classes(commands)):
+            self._clear(ifb, ingress=False)
+            self._batch(commands)
+            changed = True
+        if tap.redirect_to != ifb:
+            self._clear(nic.device, root=False)
+            self._redirect_ingress(nic.device, ifb)
+            changed = True
         return changed
 
     def remove_nic(self, device: str) -> None:
@@ -375,21 +383,21 @@ class Shaper:
         in_ifb, out_ifb = ifb_name("pgi", group.name), ifb_name("pgo", group.name)
         for m in members:
             tap = self.read(m.device)
-            if group.inbound is not None and tap.egress_redirect_to != in_ifb:
+            # A direction the group has no ceiling for keeps the member's own shaping (if any).
+            if group.inbound is None:
+                changed = self._nic_inbound(m, tap) or changed
+            elif tap.egress_redirect_to != in_ifb:
                 self._clear(m.device, ingress=False)
                 self._redirect_egress(m.device, in_ifb)
                 changed = True
-            elif group.inbound is None and tap.root is not None:
-                self._clear(m.device, ingress=False)
-                changed = True
-            if group.outbound is not None and tap.redirect_to != out_ifb:
-                self._clear(m.device, root=False)
-                self._redirect_ingress(m.device, out_ifb)
-                changed = True
-            elif group.outbound is None and tap.ingress:
-                self._clear(m.device, root=False)
-                changed = True
-            self._delete_link(ifb_name("nic", m.device))  # a NIC in a group has no IFB of its own
+            if group.outbound is None:
+                changed = self._nic_outbound(m, tap) or changed
+            else:
+                if tap.redirect_to != out_ifb:
+                    self._clear(m.device, root=False)
+                    self._redirect_ingress(m.device, out_ifb)
+                    changed = True
+                self._delete_link(ifb_name("nic", m.device))  # the group's IFB replaces the NIC's own
         return changed
 
     def _filters_text(self, dev: str) -> list[tuple[str, str]]:
@@ -487,3 +495,55 @@ def _same(have: list[ClassInfo], want: list[ClassInfo]) -> bool:
 
 def _close(a: int, b: int) -> bool:
     return abs(a - b) <= max(0.002 * max(a, b), 8)
+
+
+# -- from resolved QoS to shapes --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodePlan:
+    nics: list[NicShape]  # NICs shaped on their own
+    groups: list[tuple[PortGroupShape, list[NicShape]]]  # port groups and their members on this node
+
+
+def plan_node(nics: Iterable[tuple[object, str, str]]) -> NodePlan:
+    """(api.qos.NicEffective, tap device, MAC) of every running NIC on the node -> what to apply.
+
+    A NIC in a port group is shaped inside the group's trees (its own rates become its guaranteed
+    part and its ceiling there); NICs of the same group on this node share the group's ceiling.
+    """
+    alone: list[NicShape] = []
+    groups: dict[str, tuple[PortGroupShape, list[NicShape]]] = {}
+    for eff, tap, mac in nics:
+        shape = NicShape(tap, mac,
+                         inbound=Direction.from_api(eff.inbound, eff.queues),
+                         outbound=Direction.from_api(eff.outbound, eff.queues),
+                         priority=eff.priority or 0)
+        pg = eff.port_group
+        if pg is None:
+            alone.append(shape)
+            continue
+        group = PortGroupShape(pg.name, Direction.from_api(pg.inbound), Direction.from_api(pg.outbound))
+        groups.setdefault(pg.name, (group, []))[1].append(shape)
+    return NodePlan(alone, list(groups.values()))
+
+
+def apply_node(shaper: Shaper, plan: NodePlan) -> list[str]:
+    """Applies a node's whole plan and prunes our IFBs that nothing needs any more; returns the devices
+    (taps) whose shaping changed. A NIC without any rate gets its shaping removed."""
+    changed = []
+    for nic in plan.nics:
+        if nic.inbound is None and nic.outbound is None:
+            state = shaper.read(nic.device)
+            if state.root is not None or state.ingress:
+                shaper.remove_nic(nic.device)
+                changed.append(nic.device)
+            continue
+        if shaper.apply_nic(nic):
+            changed.append(nic.device)
+    for group, members in plan.groups:
+        if shaper.apply_group(group, members):
+            changed += [m.device for m in members]
+    own_ifbs = [n.device for n in plan.nics if n.outbound is not None]
+    own_ifbs += [m.device for g, members in plan.groups if g.outbound is None for m in members if m.outbound]
+    shaper.prune(own_ifbs, [g.name for g, _ in plan.groups])
+    return changed
