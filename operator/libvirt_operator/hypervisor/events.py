@@ -37,7 +37,8 @@ def registered_loop() -> asyncio.AbstractEventLoop | None:
 
 
 Kind = Literal["lifecycle", "reboot", "agent-lifecycle", "device-removed", "device-removal-failed",
-               "block-job", "job-completed", "migration-iteration", "io-error"]
+               "block-job", "job-completed", "migration-iteration", "io-error", "device-added",
+               "balloon-change", "tray-change", "tunable", "metadata-change"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,11 @@ class DomainEvent:
 
     event/detail by kind: lifecycle: VIR_DOMAIN_EVENT_* and its detail; agent-lifecycle:
     state and reason; block-job: job type and status; migration-iteration: the iteration;
-    io-error: the action. `device` is the device alias (device-*, io-error) or the disk
-    (block-job); `info` holds the rest (job-completed statistics, io-error path and reason).
+    io-error: the action; tray-change: VIR_DOMAIN_EVENT_TRAY_CHANGE_OPEN/CLOSE;
+    metadata-change: the VIR_DOMAIN_METADATA_* type. `device` is the device alias (device-*,
+    io-error, tray-change) or the disk (block-job); `info` holds the rest (job-completed
+    statistics, io-error path and reason, balloon-change {"actual": KiB}, tunable's changed
+    parameters, metadata-change {"nsuri": ...}).
     """
 
     uuid: str
@@ -132,6 +136,21 @@ def domain_callbacks(emit: Callable[[DomainEvent], None]) -> list[tuple[int, Cal
     def io_error(_conn, dom, src_path, alias, action, reason, _opaque):
         make("io-error", dom, action, device=alias, info={"path": src_path, "reason": reason})
 
+    def added(_conn, dom, alias, _opaque):
+        make("device-added", dom, device=alias)
+
+    def balloon(_conn, dom, actual, _opaque):
+        make("balloon-change", dom, info={"actual": actual})
+
+    def tray(_conn, dom, alias, reason, _opaque):
+        make("tray-change", dom, reason, device=alias)
+
+    def tunable(_conn, dom, params, _opaque):
+        make("tunable", dom, info=dict(params))
+
+    def metadata(_conn, dom, mtype, nsuri, _opaque):
+        make("metadata-change", dom, mtype, info={"nsuri": nsuri})
+
     return [
         (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
         (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, reboot),
@@ -142,4 +161,9 @@ def domain_callbacks(emit: Callable[[DomainEvent], None]) -> list[tuple[int, Cal
         (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, job_completed),
         (libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, iteration),
         (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, io_error),
+        (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, added),
+        (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon),
+        (libvirt.VIR_DOMAIN_EVENT_ID_TRAY_CHANGE, tray),
+        (libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, tunable),
+        (libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, metadata),
     ]
