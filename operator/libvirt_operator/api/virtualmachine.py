@@ -115,7 +115,7 @@ class Disk(ApiModel):
     bus: Literal["virtio", "sata", "scsi", "ide", "usb"] | None = Field(
         None, description="Defaults to virtio for disks and sata for cdroms."
     )
-    target: str | None = Field(None, pattern=r"^(vd|sd|hd)[a-z]{1,2}$",
+    target: str | None = Field(None, pattern=r"^(vd|sd|hd)[a-z]{1,2}$", max_length=4,
                                description="Guest device name; assigned by bus order when empty.")
     read_only: bool = False
     size: Quantity | None = Field(
@@ -138,7 +138,7 @@ class Interface(ApiModel):
     )
     source: str | None = Field(None, min_length=1, max_length=253,
                                description="Network name or bridge name.")
-    mac: str | None = Field(None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$",
+    mac: str | None = Field(None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", max_length=17,
                             description="Lower-case MAC; generated when empty.")
     model: Literal["virtio", "e1000", "e1000e", "rtl8139"] = "virtio"
     pci_address: PciAddress | None = Field(None, description="The VF's host PCI address (type hostdev).")
