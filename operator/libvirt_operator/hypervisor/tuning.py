@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from libvirt_operator.api import quantity
-from libvirt_operator.api.qos import CpuQos, DiskIoTune, EffectiveQos, MemoryQos
+from libvirt_operator.api.qos import CpuQos, DiskIoTune, EffectiveQos, MemoryQos, Rate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -106,14 +107,21 @@ class BlockIoTune:
 
 # -- the mixin --------------------------------------------------------------------------------------
 
-def _affect(dom: libvirt.virDomain) -> int:
-    """LIVE if the domain runs, CONFIG if it is persistent (CURRENT if neither applies)."""
-    flags = 0
+def _affect(dom: libvirt.virDomain) -> list[int]:
+    """LIVE if the domain runs, CONFIG if it is persistent (CURRENT if neither applies), one call each:
+    libvirt-python's setters first read the parameters' types with the same flags, and that read
+    refuses LIVE|CONFIG together."""
+    flags = []
     if dom.isActive():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        flags.append(libvirt.VIR_DOMAIN_AFFECT_LIVE)
     if dom.isPersistent():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    return flags or libvirt.VIR_DOMAIN_AFFECT_CURRENT
+        flags.append(libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    return flags or [libvirt.VIR_DOMAIN_AFFECT_CURRENT]
+
+
+def _set(setter: Callable[[int], Any], dom: libvirt.virDomain) -> None:
+    for flags in _affect(dom):
+        setter(flags)
 
 
 def _read_flags(dom: libvirt.virDomain, live: bool) -> int:
@@ -136,7 +144,8 @@ class TuningMixin:
                                     "global_quota": global_quota, "vcpu_period": vcpu_period,
                                     "vcpu_quota": vcpu_quota}.items() if v is not None}
         if params:
-            await self.call(lambda d: d.setSchedulerParametersFlags(params, _affect(d)), fallback="TuningFailed")
+            await self.call(lambda d: _set(lambda f: d.setSchedulerParametersFlags(params, f), d),
+                            fallback="TuningFailed")
 
     async def scheduler(self, live: bool = True) -> Scheduler:
         return Scheduler.of(await self.call(lambda d: d.schedulerParametersFlags(_read_flags(d, live))))
@@ -159,7 +168,7 @@ class TuningMixin:
         params = {"hard_limit": hard_limit_kib or UNLIMITED_KIB, "soft_limit": soft_limit_kib or UNLIMITED_KIB}
         if swap_hard_limit_kib is not None:
             params["swap_hard_limit"] = swap_hard_limit_kib
-        await self.call(lambda d: d.setMemoryParameters(params, _affect(d)), fallback="TuningFailed")
+        await self.call(lambda d: _set(lambda f: d.setMemoryParameters(params, f), d), fallback="TuningFailed")
 
     async def memory_parameters(self, live: bool = True) -> MemoryParameters:
         return MemoryParameters.of(await self.call(lambda d: d.memoryParameters(_read_flags(d, live))))
@@ -168,14 +177,52 @@ class TuningMixin:
         hard, soft = memory_limits_kib(memory)
         await self.set_memory_parameters(hard_limit_kib=hard, soft_limit_kib=soft)
 
+    # network, libvirt's own mechanism (nodes where Capabilities.libvirt_bandwidth holds)
+    async def set_interface_bandwidth(self, device: str, inbound: Rate | None, outbound: Rate | None) -> None:
+        """setInterfaceParameters (virsh domiftune) on the NIC whose target dev or MAC is `device`;
+        a direction left None is removed (0). Needs sfq, fw and police in the kernel: check first."""
+        params = _bandwidth_params("inbound", inbound) | _bandwidth_params("outbound", outbound)
+        await self.call(lambda d: _set(lambda f: d.setInterfaceParameters(device, params, f), d),
+                        fallback="TuningFailed")
+
+    async def interface_bandwidth(self, device: str, live: bool = True) -> dict[str, int]:
+        return dict(await self.call(lambda d: d.interfaceParameters(device, _read_flags(d, live))))
+
+    async def nic_devices(self) -> list[NicDevice]:
+        """The running domain's NICs: MAC, host device (tap) and alias, from the live XML."""
+        return nic_devices(await self.call(lambda d: d.XMLDesc(0)))
+
     # disk I/O
     async def set_block_io_tune(self, target: str, tune: BlockIoTune) -> None:
         """setBlockIoTune on the disk with this target (vda, sdb); zeros remove limits."""
         params = tune.params()
-        await self.call(lambda d: d.setBlockIoTune(target, params, _affect(d)), fallback="TuningFailed")
+        await self.call(lambda d: _set(lambda f: d.setBlockIoTune(target, params, f), d), fallback="TuningFailed")
 
     async def block_io_tune(self, target: str, live: bool = True) -> BlockIoTune:
         return BlockIoTune.of(await self.call(lambda d: d.blockIoTune(target, _read_flags(d, live))))
+
+
+def _bandwidth_params(direction: str, rate: Rate | None) -> dict[str, int]:
+    keys = {"average": "average_kib_per_second", "peak": "peak_kib_per_second", "burst": "burst_kib"}
+    return {f"{direction}.{k}": (getattr(rate, attr) or 0) if rate else 0 for k, attr in keys.items()}
+
+
+@dataclass(frozen=True)
+class NicDevice:
+    mac: str
+    target: str | None  # the host's tap (vnetN), None while not running
+    alias: str | None
+    type: str
+
+
+def nic_devices(xml: str) -> list[NicDevice]:
+    out = []
+    for iface in ET.fromstring(xml).findall("./devices/interface"):
+        mac, target, alias = iface.find("mac"), iface.find("target"), iface.find("alias")
+        out.append(NicDevice(mac.get("address", "") if mac is not None else "",
+                             target.get("dev") if target is not None else None,
+                             alias.get("name") if alias is not None else None, iface.get("type", "")))
+    return out
 
 
 # -- pure rules -------------------------------------------------------------------------------------
