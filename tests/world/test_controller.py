@@ -210,6 +210,17 @@ class Scene:
             self.namespace, field_selector=f"involvedObject.name={name}").items
         return [e.reason for e in evs]
 
+    def wait_event(self, name: str, reason: str, timeout: float = 20) -> list[str]:
+        """The VM's Event reasons once `reason` is among them (Events are posted after status)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reasons = self.event_reasons(name)
+            if reason in reasons:
+                return reasons
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: no {reason} Event within {timeout}s (seen: {reasons})")
+            time.sleep(0.1)
+
 
 def scheduled(vm: dict) -> dict | None:
     return schedule_status.find_condition(vm)
@@ -257,8 +268,7 @@ def test_placed_on_the_live_node_with_most_free_memory(scene: Scene):
     # big now has 2Gi free, small 4Gi: the next VM goes to small.
     scene.create("next", memory="1Gi")
     assert_placed(scene, scene.wait_scheduled("next"), small)
-    assert "Scheduled" in scene.event_reasons("next")
-    assert "FailedScheduling" not in scene.event_reasons("next")
+    assert "FailedScheduling" not in scene.wait_event("next", "Scheduled")
     # No kopf state, annotation or finalizer is written onto the VM.
     md = scene.get("next")["metadata"]
     assert not md.get("finalizers")
@@ -271,7 +281,7 @@ def test_pinned_to_a_missing_node_waits_for_it(scene: Scene):
     vm = scene.wait_reason("pinned", "NodeNotFound")
     assert scheduled(vm)["status"] == "False" and late in scheduled(vm)["message"]
     assert vm["status"]["phase"] == "Pending" and "nodeName" not in vm["status"] and placed_on(vm) is None
-    assert "FailedScheduling" in scene.event_reasons("pinned")
+    scene.wait_event("pinned", "FailedScheduling")
     scene.node("late", 8 * GI)
     assert_placed(scene, scene.wait_scheduled("pinned"), late)
 
@@ -378,7 +388,7 @@ def test_a_mac_used_by_another_vm_keeps_the_later_vm_unplaced(scene: Scene):
     assert cond["status"] == "False"
     assert cond["message"] == f"MAC {mac} is already used by VM {scene.namespace}/first (placed on node {node})"
     assert placed_on(vm) is None and vm["status"]["phase"] == "Pending"
-    assert "FailedScheduling" in scene.event_reasons("later")
+    scene.wait_event("later", "FailedScheduling")
     # The earlier VM is untouched: same placement, same status.
     now = scene.get("first")
     assert placed_on(now) == node and now["status"] == first["status"]

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 0.2
 CONFLICT_ATTEMPTS = 3  # re-read and decide again this often when the VM changed under the label patch
-NODES_REUSE_SECONDS = 1.0  # a reading of nodes and leases serves the decisions of this long
+NODES_REUSE_SECONDS = 1.0  # within a burst, a reading of nodes and leases serves the decisions of this long
 RESEED_SECONDS = 300.0  # a full listing of VMs this often, for deletions the watch may have missed
 EVENT_THREADS = 2
 API_THREADS = 16  # blocking API calls of the placements in flight (asyncio's default is cores + 4)
@@ -50,17 +50,20 @@ class _Retry:
 
 
 class Scheduler:
-    """Decisions one at a time, from the watch-fed index and a cached reading of nodes and leases (no
-    API call inside the lock, but a re-reading of those every NODES_REUSE_SECONDS); each decision
-    counts at once in the index, so the label patches, status writes and Events of a burst all
-    run concurrently."""
+    """Decisions one at a time, from the watch-fed index and one reading of nodes and leases per burst
+    (a burst: decisions queued for the lock; at most NODES_REUSE_SECONDS); each decision counts
+    at once in the index, so the label patches, status writes and Events of a burst all run
+    concurrently, outside the lock."""
 
     def __init__(self, operator_namespace: str, retry_seconds: float = 5.0):
         self.operator_namespace = operator_namespace
         self.retry_seconds = retry_seconds
         self._lock = asyncio.Lock()  # one placement decision at a time
         self.index = VMIndex()
-        self._nodes: dict[str | None, cluster.Snapshot] = {}  # by pinned node (None: all libvirt nodes)
+        # Nodes and leases as read for the current burst (decisions waiting for the lock), at most
+        # NODES_REUSE_SECONDS old; by pinned node (None: all libvirt nodes).
+        self._nodes: dict[str | None, cluster.Snapshot] = {}
+        self._waiting = 0
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
@@ -80,7 +83,11 @@ class Scheduler:
         if retry is not None and retry.generation == md.get("generation"):
             return  # same spec as the last attempt: the pending retry will look again
         self._cancel_retry(key.uid)
-        await self._run(key, vm)
+        # An unplaced VM as the event shows it: the label patch is conditional on its version, so a
+        # stale one costs only a re-read. A placed one is read afresh: the event may predate our
+        # own status write (the label patch's event arrives after it).
+        placed = (md.get("labels") or {}).get(meta.NODE_LABEL)
+        await self._run(key, None if placed else vm)
 
     def _track(self, event_type: str | None, vm: Mapping) -> None:
         now = time.monotonic()
@@ -148,11 +155,17 @@ class Scheduler:
     async def _decide(self, vm: Mapping) -> tuple[Decision, placement.VMRef | None]:
         """One decision; a placement counts in the index at once. Returns it and what to `release`."""
         ref = placement.vm_ref(vm)
+        self._waiting += 1
         async with self._lock:
-            await self._seed_if_due()
-            snap = await self._nodes_for(ref.pinned_node)
-            decision = placement.decide_in(ref, snap.nodes, snap.alive, self.index)
-            previous = self.index.reserve(ref, decision.node) if decision.node else None
+            self._waiting -= 1
+            try:
+                await self._seed_if_due()
+                snap = await self._nodes_for(ref.pinned_node)
+                decision = placement.decide_in(ref, snap.nodes, snap.alive, self.index)
+                previous = self.index.reserve(ref, decision.node) if decision.node else None
+            finally:
+                if self._waiting == 0:
+                    self._nodes.clear()  # end of the burst: the next decision reads nodes and leases afresh
         return decision, previous
 
     async def _seed_if_due(self) -> None:
