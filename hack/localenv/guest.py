@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -123,3 +125,98 @@ def wait_for_shutoff(dom: libvirt.virDomain, timeout: float = 60.0) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError(f"domain {dom.name()} still in state {state} after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+# -- proofs from inside the guest and from the host (independent of the operator's code) ---------
+
+
+@dataclass(frozen=True)
+class GuestExec:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def _agent(dom: libvirt.virDomain, command: str, arguments: dict | None = None, timeout: int = 10):
+    message = {"execute": command, **({"arguments": arguments} if arguments else {})}
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), timeout, 0))["return"]
+
+
+def guest_exec(dom: libvirt.virDomain, argv: list[str], timeout: float = 30.0) -> GuestExec:
+    """Runs argv in the guest through qemu-ga guest-exec and waits for its exit."""
+    pid = _agent(dom, "guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _agent(dom, "guest-exec-status", {"pid": pid})
+        if status["exited"]:
+            out, err = (base64.b64decode(status.get(key, "")).decode(errors="replace")
+                        for key in ("out-data", "err-data"))
+            return GuestExec(status.get("exitcode", -1), out, err)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{argv} still running in {dom.name()} after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def guest_sh(dom: libvirt.virDomain, script: str, timeout: float = 30.0) -> str:
+    """stdout of a shell script run in the guest; AssertionError if it exits non-zero."""
+    result = guest_exec(dom, ["/bin/sh", "-c", script], timeout)
+    assert result.exit_code == 0, f"guest script {script!r} failed: {result}"
+    return result.stdout
+
+
+def wait_in_guest(dom: libvirt.virDomain, script: str, expect, timeout: float = 60.0) -> str:
+    """Runs `script` in the guest until expect(stdout) is true; returns that stdout (TimeoutError with the last
+    output otherwise). Failed runs (non-zero exit) count as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = guest_exec(dom, ["/bin/sh", "-c", script])
+        if result.exit_code == 0 and expect(result.stdout):
+            return result.stdout
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{script!r} in {dom.name()}: last result {result}")
+        time.sleep(0.3)
+
+
+def qemu_pid(uuid: str) -> int | None:
+    """The QEMU process of domain `uuid` (its -uuid argument). libvirt nodes share the host's PID namespace."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-system-x86_64") and uuid.encode() in argv:
+            return int(entry.name)
+    return None
+
+
+def vcpu_thread_affinity(pid: int) -> dict[int, str]:
+    """{vCPU index: Cpus_allowed_list} of QEMU's vCPU threads (named "CPU n/TCG" or "CPU n/KVM")."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # the thread just exited
+        name = re.search(r"^Name:\s*(.*)$", status, re.M).group(1)
+        vcpu = re.fullmatch(r"CPU (\d+)/(TCG|KVM)", name)
+        if vcpu:
+            found[int(vcpu.group(1))] = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
+    return found
+
+
+def thread_affinity(pid: int) -> str:
+    """Cpus_allowed_list of QEMU's main (emulator) thread."""
+    return re.search(r"^Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+
+
+def make_iso(path: Path, label: str) -> Path:
+    """An ISO 9660 image with volume label `label` (genisoimage), holding one small file."""
+    path = Path(path)
+    content = path.with_suffix(".content")
+    content.mkdir(parents=True, exist_ok=True)
+    (content / "LABEL.TXT").write_text(label + "\n")
+    subprocess.run(["genisoimage", "-quiet", "-V", label, "-o", str(path), str(content)], check=True)
+    return path
+
