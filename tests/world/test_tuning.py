@@ -181,3 +181,75 @@ def test_a_value_out_of_range_is_refused_by_libvirt_with_a_reason(running):
     with pytest.raises(HypervisorError) as err:
         run(guest.set_scheduler(global_period=10))  # below the 1000 us minimum
     assert err.value.reason and err.value.message
+
+
+# -- contention: shares (Q9) and floors (Q11/Q12) between two burning guests on one host CPU --------------
+
+@pytest.fixture
+def two_burning(host, node, guest_image, storage_dir):
+    """Two booted test guests, vCPU and emulator pinned to host CPU 0, each burning CPU; yields [Guest, Guest]."""
+    import libvirt
+
+    conn = node.connect()
+    names, guests = [], []
+    try:
+        for i in range(2):
+            name = f"tune{i}-{uuid.uuid4().hex[:6]}"
+            console = storage_dir / f"{name}.console.log"
+            names.append(name)
+            guests.append((run(host.define(guest_domain_xml(guest_image, name, console))), console))
+            run(guests[-1][0].start())
+        cpus = conn.getInfo()[2]
+        cpu0 = tuple(i == 0 for i in range(cpus))
+        for guest, console in guests:
+            wait_for_marker(console, guest_image.ready_marker, timeout=240)
+            dom = conn.lookupByName(guest.name)
+            dom.pinVcpuFlags(0, cpu0, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            dom.pinEmulator(cpu0, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            burn(guest)
+        yield [g for g, _ in guests]
+    finally:
+        for name in names:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        conn.close()
+
+
+def shares_of_time(guests) -> list[float]:
+    """Each guest's part of the CPU time the two used over BURN_SECONDS."""
+    before = [run(g.cpu_time_ns()) for g in guests]
+    time.sleep(BURN_SECONDS)
+    used = [run(g.cpu_time_ns()) - b for g, b in zip(guests, before, strict=True)]
+    return [u / sum(used) for u in used]
+
+
+def test_q9_q12_shares_and_a_reservation_under_contention(two_burning):
+    a, b = two_burning
+    pids = [qemu_pid(a.name), qemu_pid(b.name)]
+    # Q9: shares 4:1
+    run(a.apply_cpu(CpuQos(shares=4096), shares=4096, default_shares=1024))
+    run(b.apply_cpu(CpuQos(shares=1024), shares=1024, default_shares=1024))
+    part_a, part_b = shares_of_time([a, b])
+    print(f"\nMEASURED shares 4096:1024 -> {part_a / part_b:.2f}:1")
+    assert 4 * 0.7 <= part_a / part_b <= 4 * 1.3
+    # Q12: a reservation of 60 % of the CPU for b, against a's much larger weight (node = the one pinned CPU)
+    qos = {"a": CpuQos(shares=4096), "b": CpuQos(reservation_percent=60)}
+    plan = tuning.floor_shares(qos, 1)
+    for guest, key in ((a, "a"), (b, "b")):
+        run(guest.apply_cpu(qos[key], shares=plan.shares[key], default_shares=1024))
+    _, reserved = shares_of_time([a, b])
+    print(f"MEASURED reservation 60 % (shares {plan.shares}) -> b gets {reserved:.1%}")
+    assert reserved >= 0.6 * (1 - 0.15)
+    # cancelled: back to the weights alone
+    plan = tuning.floor_shares({"a": CpuQos(shares=4096), "b": CpuQos()}, 1)
+    for guest, key in ((a, "a"), (b, "b")):
+        run(guest.apply_cpu(CpuQos(), shares=plan.shares[key], default_shares=1024))
+    _, cancelled = shares_of_time([a, b])
+    print(f"MEASURED reservation cancelled -> b gets {cancelled:.1%}")
+    assert cancelled < 0.35
+    assert [qemu_pid(a.name), qemu_pid(b.name)] == pids
