@@ -212,3 +212,10 @@ def test_steps_run_detaches_first():
 @pytest.mark.parametrize(("given", "want"), [("0", "0"), ("3,0-1,2", "0-3"), ("0,2,4-5", "0,2,4-5")])
 def test_cpuset_canonical(given, want):
     assert canonical(given) == want
+
+
+def test_an_empty_cdrom_without_a_format_in_the_live_xml_matches():
+    empty = {**spec(), "disks": [spec()["disks"][0], {"name": "iso", "device": "cdrom"}]}
+    live = render(empty)
+    live.devices.by_alias(naming.disk_alias("iso")).driver_type = None
+    assert planned(None, empty, live=live).converged

@@ -184,6 +184,8 @@ def _stored_xml(alias: str, stored: DomainConfig, desired_dev) -> str:
 
 
 def _disk_identity(d: Disk) -> tuple:
+    if d.is_cdrom:  # the format belongs to the media (libvirt drops it for an empty drive)
+        return (d.device, d.target_bus, d.target_dev)
     return (d.device, d.target_bus, d.target_dev, d.driver_type, bool(d.readonly))
 
 
