@@ -203,6 +203,10 @@ class Guest(TuningMixin):
         flags = _affect(live, config)
         await self.call(lambda d: d.setVcpusFlags(count, flags), fallback="SetVcpusFailed")
 
+    async def set_guest_vcpus(self, count: int) -> None:
+        """Onlines/offlines vCPUs inside the guest through qemu-ga (no unplug: QEMU 7.2 cannot report one)."""
+        await self.call(lambda d: d.setVcpusFlags(count, libvirt.VIR_DOMAIN_VCPU_GUEST), fallback="SetVcpusFailed")
+
     async def pin_vcpu(self, vcpu: int, cpus: str, *, live: bool = True, config: bool = False) -> None:
         """Pins vCPU `vcpu` to the host CPUs of cpuset `cpus` ("0-1,3"); InvalidCpuset if the host lacks one."""
         flags = _affect(live, config)
