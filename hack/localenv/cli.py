@@ -29,6 +29,7 @@ class World:
 
     dir: Path
     bin_dir: Path | None = None  # set by the "binaries" step
+    control_plane_restarted: bool = False  # set by the "control-plane" step: clients must start again
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def control_plane_up(world: World) -> str:
     if cp is not None:
         cp.stop()  # leftovers of a crashed or partial start
     cp = ControlPlane(world.dir, world.bin_dir).start()
+    world.control_plane_restarted = True
     return f"{cp.server} (ready in {cp.startup_seconds}s)"
 
 
@@ -96,15 +98,29 @@ def guest_image_up(world: World) -> str:
 
 
 def nodes_up(world: World) -> str:
+    """Start only the nodes that are not running; a running node (and its domains) is left alone.
+
+    A node whose libvirtd died is revived in its own namespaces, so libvirtd re-adopts the QEMUs
+    that still run there; only a node with nothing left of it starts afresh (same port and host
+    UUID as recorded)."""
     from localenv.nodes import load_nodes, start_nodes
 
-    running = [n for n in load_nodes(world.dir) if n.is_running()]
-    if {n.name for n in running} == set(NODE_NAMES):
-        return "already running: " + ", ".join(f"{n.name}={n.uri}" for n in running)
-    for n in running:
-        n.stop()
-    nodes = start_nodes(world.dir, NODE_NAMES)
-    return ", ".join(f"{n.name}={n.uri}" for n in nodes)
+    recorded = {n.name: n for n in load_nodes(world.dir)}
+    report = []
+    for name in NODE_NAMES:
+        node = recorded.get(name)
+        if node is not None and node.is_running():
+            report.append(f"{name}={node.uri} (running)")
+        elif node is not None and node.revive():
+            report.append(f"{name}={node.uri} (libvirtd restarted in place)")
+        elif node is not None:
+            node.stop()  # leftovers of a node with no daemon left to re-enter
+            node.start()
+            report.append(f"{name}={node.uri} (started)")
+        else:
+            (node,) = start_nodes(world.dir, [name])
+            report.append(f"{name}={node.uri} (started)")
+    return ", ".join(report)
 
 
 def nodes_down(world: World) -> str:
@@ -122,15 +138,37 @@ def nodes_status(world: World) -> tuple[bool, str]:
 
 
 def operator_up(world: World) -> str:
-    from localenv.cluster import install
+    """Install the CRDs and Nodes (idempotent), then start the controller and the agents that do not
+    run; running ones are kept (all restart only when the control plane itself had to restart)."""
+    from localenv.cluster import ensure_namespace, install_crds, register_libvirt_nodes, stage_image
     from localenv.guest import ensure_guest_image
     from localenv.nodes import load_nodes
-    from localenv.operator import OperatorProcesses
+    from localenv.operator import NAMESPACE, OperatorProcesses
 
-    OperatorProcesses.load(world.dir).stop()
-    cluster = install(ControlPlane.load(world.dir), load_nodes(world.dir), world.dir / "storage",
-                      ensure_guest_image(), world.dir)
-    return ", ".join(cluster.operator.processes)
+    cp = ControlPlane.load(world.dir)
+    nodes = [n for n in load_nodes(world.dir) if n.name in NODE_NAMES]
+    install_crds(cp)
+    with cp.api_client() as api:
+        ensure_namespace(api, NAMESPACE)
+        register_libvirt_nodes(api, nodes)
+    storage = world.dir / "storage"
+    stage_image(ensure_guest_image(), storage)
+    ops = OperatorProcesses.load(world.dir)
+    if world.control_plane_restarted:
+        ops.stop()
+    wanted = {"controller": lambda: ops.start_controller(cp.kubeconfig)}
+    for node in nodes:
+        wanted[f"agent-{node.name}"] = lambda node=node: ops.start_agent(
+            node.name, node.uri, cp.kubeconfig, [storage], storage / "console")
+    report = []
+    for name, start in wanted.items():
+        ref = ops.processes.get(name)
+        if ref is not None and ref.running():
+            report.append(f"{name} (running)")
+        else:
+            start()
+            report.append(f"{name} (started)")
+    return ", ".join(report)
 
 
 def operator_down(world: World) -> str:
@@ -153,6 +191,13 @@ def operator_status(world: World) -> tuple[bool, str]:
 def sample_vm_up(world: World) -> str:
     from localenv.sample import run_sample_vm
 
+    cp = ControlPlane.load(world.dir)
+    kubectl = [str(cp.bin_dir / "kubectl"), "--kubeconfig", str(cp.kubeconfig)]
+    get = [*kubectl, "get", "virtualmachine", "demo", "--ignore-not-found", "-o"]
+    if subprocess.run([*get, "name"], capture_output=True, text=True, check=True).stdout.strip():
+        phase = subprocess.run([*get, "jsonpath={.status.phase}"], capture_output=True, text=True).stdout
+        # Never re-applied: that would undo what the user changed since (e.g. powerState).
+        return f"demo exists (phase {phase or 'none yet'}), left as it is"
     return run_sample_vm(world.dir)
 
 
@@ -225,12 +270,51 @@ def env_lines(world: World) -> str:
     return f"export KUBECONFIG={ControlPlane(world.dir).kubeconfig}\nexport PATH={bin_dir}:$PATH"
 
 
+# --- the kubelet world (hack/kubelet-up.sh): the chart's Pods on a real kubelet node ---------------
+
+DEFAULT_KUBELET_WORLD = REPO_DIR / ".work" / "kubelet-world"
+
+
+def _kubelet_world_dir(world: World) -> Path:
+    return world.dir if world.dir != DEFAULT_WORLD.resolve() else DEFAULT_KUBELET_WORLD.resolve()
+
+
+def cmd_kubelet_up(world: World, args: argparse.Namespace) -> int:
+    from localenv import kubelet
+
+    began = time.monotonic()
+    cluster = kubelet.up(_kubelet_world_dir(world))
+    print(f"kubelet world in {cluster.world_dir} is up ({time.monotonic() - began:.1f}s): node {kubelet.NODE_NAME} "
+          f"Ready, libvirt socket {cluster.node.socket_dir}, images {kubelet.IMAGE_REPOSITORY}:{cluster.images.key}"
+          "[-controller|-agent]")
+    print(f"export KUBECONFIG={cluster.cp.kubeconfig}\nexport PATH={cluster.cp.bin_dir}:$PATH")
+    values = cluster.world_dir / "values.yaml"
+    import yaml
+
+    values.write_text(yaml.safe_dump(kubelet.chart_values(cluster.cp, cluster.images, cluster.node,
+                                                          cluster.storage)))
+    print(f"helm install lvo charts/libvirt-operator -n libvirt-operator-system --create-namespace -f {values}")
+    return 0
+
+
+def cmd_kubelet_down(world: World, args: argparse.Namespace) -> int:
+    from localenv import kubelet
+
+    kubelet.down(_kubelet_world_dir(world))
+    if args.purge:
+        shutil.rmtree(_kubelet_world_dir(world), ignore_errors=True)
+    print("kubelet world stopped")
+    return 0
+
+
 COMMANDS = {
     "up": (cmd_up, "build/verify the binaries and start the world"),
     "down": (cmd_down, "stop every process of the world"),
     "status": (cmd_status, "show what runs (exit 1 unless everything is healthy)"),
     "kubeconfig": (cmd_kubeconfig, "print the admin kubeconfig path"),
     "env": (cmd_env, "print export lines for KUBECONFIG and PATH (kubectl, helm)"),
+    "kubelet-up": (cmd_kubelet_up, f"start the kubelet world (default {DEFAULT_KUBELET_WORLD})"),
+    "kubelet-down": (cmd_kubelet_down, "stop the kubelet world"),
 }
 
 
@@ -250,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, parents=[world_opt], help=help_text)
-        if name == "down":
+        if name in ("down", "kubelet-down"):
             cmd.add_argument("--purge", action="store_true", help="also delete the world directory")
     return parser.parse_args(argv)
 

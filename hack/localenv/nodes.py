@@ -72,7 +72,16 @@ for mp in {cgroup_mount_points}; do echo $$ >"$mp/daemons/cgroup.procs"; done
 exec {subreaper} sh -c {daemons}
 """
 # Run by the subreaper, which then stays in the namespaces as the daemons' reaper.
-_DAEMONS = "set -e; virtlogd -d -p {state}/virtlogd.pid; libvirtd -d --listen -p {state}/libvirtd.pid"
+_VIRTLOGD = "virtlogd -d -p {state}/virtlogd.pid"
+_LIBVIRTD = "libvirtd -d --listen -p {state}/libvirtd.pid"
+_DAEMONS = f"set -e; {_VIRTLOGD}; {_LIBVIRTD}"
+# revive(): back into the namespaces of a node whose libvirtd died (its QEMUs may still run),
+# under a new subreaper, so the new daemons and their QEMUs are reaped promptly as well.
+_REENTER = """
+set -e
+for mp in {cgroup_mount_points}; do echo $$ >"$mp/daemons/cgroup.procs"; done
+exec {subreaper} sh -c {daemons}
+"""
 
 
 @dataclass
@@ -82,6 +91,10 @@ class LibvirtNode:
     port: int
     host_uuid: str
     cgroup_dirs: list[str] = field(default_factory=list)  # host paths of the node's cgroup roots
+
+    # Private copies of host directories (name under state_dir -> path inside the node); a
+    # subclass may add some, e.g. "run": "/run/libvirt" to reach libvirt's socket from the host.
+    private_dirs = PRIVATE_DIRS
 
     @property
     def uri(self) -> str:
@@ -124,7 +137,7 @@ class LibvirtNode:
         if self.is_running():
             return
         _seed_capabilities(self.state_dir / "cache")
-        mounts = " ".join(f"{self.state_dir / d}={host}" for d, host in PRIVATE_DIRS.items())
+        mounts = " ".join(f"{self.state_dir / d}={host}" for d, host in self.private_dirs.items())
         hierarchies = _cgroup_hierarchies()
         self.cgroup_dirs = [_make_node_cgroup(h, self.cgroup_name) for h in hierarchies]
         self._write_state()
@@ -155,6 +168,33 @@ class LibvirtNode:
             self.stop()
             raise
         _save_capabilities(self.state_dir / "cache")
+
+    def revive(self, timeout: float = START_TIMEOUT) -> bool:
+        """Starts a dead libvirtd (and virtlogd) again inside the node's existing mount and cgroup
+        namespaces, where libvirt's runtime state of the still-running QEMUs lives: libvirtd
+        re-adopts them. Returns False (touching nothing) when no process of the old namespaces
+        is left to enter; start() is then the way."""
+        if self.is_running():
+            return True
+        anchor = self._daemon_pid("subreaper") or self._daemon_pid("virtlogd")
+        if anchor is None:
+            return False
+        state = shlex.quote(str(self.state_dir))
+        daemons = ([] if self._daemon_pid("virtlogd") else [_VIRTLOGD]) + [_LIBVIRTD]
+        subreaper = shlex.join(
+            [sys.executable, "-I", str(SUBREAPER), f"{self.state_dir}/subreaper.pid", f"{self.state_dir}/subreaper.log"]
+        )
+        script = _REENTER.format(
+            cgroup_mount_points=" ".join(h.mount_point for h in _cgroup_hierarchies()),
+            subreaper=subreaper,
+            daemons=shlex.quote("set -e; " + "; ".join(d.format(state=state) for d in daemons)),
+        )
+        launch = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-C", "sh", "-c", script],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if launch.returncode != 0:
+            raise RuntimeError(f"node {self.name}: revive failed: {launch.stderr.strip()}")
+        self._wait_until_open(timeout)
+        return True
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> list[int]:
         """Destroys the node's domains, stops its daemons, then SIGKILLs whatever of
@@ -199,7 +239,7 @@ class LibvirtNode:
 
     def _write_state(self) -> None:
         state = self.state_dir
-        for d in PRIVATE_DIRS:
+        for d in self.private_dirs:
             (state / d).mkdir(parents=True, exist_ok=True)
         _copy_host_config(state / "etc")
         mig_min, mig_max = self.migration_ports

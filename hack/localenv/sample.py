@@ -16,6 +16,7 @@ def run_sample_vm(world_dir: Path, timeout: float = 120) -> str:
     cp = ControlPlane.load(world_dir)
     image = ensure_guest_image()
     manifest = SAMPLE.read_text().replace("@STORAGE@", str(world_dir / "storage"))
+    manifest = manifest.replace("/images/vmlinuz", f"/images/{image.kernel.name}")  # the guest's kernel file
     manifest = manifest.replace('"console=ttyS0 quiet loglevel=0"', f'"{image.cmdline}"')
     kubectl = [str(cp.bin_dir / "kubectl"), "--kubeconfig", str(cp.kubeconfig)]
     subprocess.run([*kubectl, "apply", "-f", "-"], input=manifest, text=True, check=True, capture_output=True)
