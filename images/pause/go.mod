@@ -1,0 +1,3 @@
+module lvo/pause
+
+go 1.22
