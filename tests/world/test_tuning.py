@@ -253,3 +253,27 @@ def test_q9_q12_shares_and_a_reservation_under_contention(two_burning):
     print(f"MEASURED reservation cancelled -> b gets {cancelled:.1%}")
     assert cancelled < 0.35
     assert [qemu_pid(a.name), qemu_pid(b.name)] == pids
+
+
+def test_q6_a_limit_below_usage_is_refused_and_growing_past_it_is_a_named_oom_kill(running, node):
+    import libvirt
+
+    guest, name = running
+    pid = qemu_pid(name)
+    mem = cgroups(node, name)["memory"]
+    usage_kib = int(read(mem / "memory.usage_in_bytes")) // 1024
+    with pytest.raises(HypervisorError) as err:  # cgroup v1 cannot shrink below what is in use
+        run(guest.set_memory_parameters(hard_limit_kib=usage_kib // 2, soft_limit_kib=None))
+    assert "Device or resource busy" in err.value.message
+    assert run(guest.memory_parameters()).hard_limit_kib is None  # nothing was applied
+    run(guest.set_memory_parameters(hard_limit_kib=usage_kib + 30 * 1024, soft_limit_kib=None))
+    cmd = {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": [
+        "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=220"]}}
+    run(guest.call(lambda d: libvirt_qemu.qemuAgentCommand(d, json.dumps(cmd), 10, 0)))
+    deadline = time.monotonic() + 120
+    while run(guest.call(lambda d: d.state()))[0] == libvirt.VIR_DOMAIN_RUNNING:
+        assert time.monotonic() < deadline, "the guest outgrew its limit but kept running"
+        time.sleep(0.5)
+    assert run(guest.call(lambda d: d.state())) == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
+    kills = [k for k in tuning.oom_kills(tuning.read_kernel_log()) if k.pid == pid]
+    assert kills and kills[0].is_domain(name), "the kernel log names the memcg OOM kill of this QEMU"

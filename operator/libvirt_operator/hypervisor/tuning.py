@@ -457,3 +457,49 @@ def domain_cgroup_dirs(cgroup_root: str | Path, domain_name: str) -> dict[str, P
                     found["unified" if v2 else top.name] = child
     return found
 
+
+
+# -- memory limit outcomes (Q6) -----------------------------------------------------------------------
+# A hard limit below the current usage is refused by cgroup v1 (EBUSY, "Device or resource busy"): report
+# it, e.g. MemoryLimitBelowUsage. A guest that grows past its hard limit is killed by the kernel's memcg
+# OOM killer: libvirt then reports SHUTOFF with reason CRASHED, and only the kernel log names the cause.
+
+_OOM_MEMCG = re.compile(r"oom-kill:.*?oom_memcg=(?P<memcg>[^,\s]+).*?task=(?P<task>[^,\s]+),pid=(?P<pid>\d+)")
+
+
+@dataclass(frozen=True)
+class OomKill:
+    pid: int
+    memcg: str  # the cgroup whose limit was hit, e.g. .../machine/qemu-1-web.libvirt-qemu
+    task: str
+
+    def is_domain(self, domain_name: str) -> bool:
+        leaf = self.memcg.rsplit("/", 1)[-1]
+        return bool(re.match(r"^qemu-\d+-" + re.escape(domain_name[:20]), leaf)) or \
+            domain_name[:20].replace("-", "\\x2d") in leaf
+
+
+def oom_kills(kernel_log: str) -> list[OomKill]:
+    """The memcg OOM kills in kernel log text (dmesg or /dev/kmsg records)."""
+    return [OomKill(int(m["pid"]), m["memcg"], m["task"]) for m in _OOM_MEMCG.finditer(kernel_log)]
+
+
+def read_kernel_log() -> str:
+    """The kernel's ring buffer as text (needs CAP_SYSLOG, as the agent has); empty if unreadable."""
+    lines: list[str] = []
+    with contextlib.suppress(OSError):
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                try:
+                    record = os.read(fd, 8192)
+                except BlockingIOError:
+                    break
+                except OSError:  # EPIPE: a record was overwritten while reading; go on
+                    continue
+                if not record:
+                    break
+                lines.append(record.decode(errors="replace").split(";", 1)[-1].rstrip("\n"))
+        finally:
+            os.close(fd)
+    return "\n".join(lines)
