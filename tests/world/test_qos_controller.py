@@ -207,3 +207,37 @@ def test_contradictions_are_invalid_with_a_reason(api):
     ns.patch(resources.QOS_POLICIES, "cap", {"spec": {"cpu": {"limitPercent": 90}}})
     q = ns.wait_qos("small", lambda q: q.get("valid") is True, "valid again")
     assert q["cpu"]["limitPercent"]["value"] == 90 and q["cpu"]["reservationPercent"]["source"] == "spec"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"cpu": {"limitPercent": 50, "reservationPercent": 80}}, "cpu.reservationPercent cannot exceed cpu.limitPercent"),
+    ({"cpu": {"limitPercent": 50, "minPercent": 60}}, "cpu.minPercent cannot exceed cpu.limitPercent"),
+    ({"memory": {"hardLimit": "1Gi", "guarantee": "2Gi"}}, "memory.guarantee cannot exceed memory.hardLimit"),
+    ({"memory": {"hardLimit": "1Gi", "softLimit": "1.5Gi"}}, "memory.softLimit cannot exceed memory.hardLimit"),
+    ({"network": {"inbound": {"averageKibPerSecond": 100, "peakKibPerSecond": 50}}},
+     "peakKibPerSecond cannot be below averageKibPerSecond"),
+    ({"network": {"inbound": {"averageKibPerSecond": 100},
+                  "queues": [{"dscp": [46], "ratePercent": 60}, {"dscp": [10], "ratePercent": 50}]}},
+     "the ratePercent values add up to more than 100"),
+    ({"network": {"portGroup": {}}}, "a portGroup needs an inbound or outbound ceiling"),
+    ({"diskIo": {"totalIops": 10, "readIops": 5}}, "totalIops excludes readIops and writeIops"),
+    ({"cpu": {"shares": 0}}, "should be greater than or equal to 1"),
+    ({"network": {"vlan": 4095}}, "should be less than or equal to 4094"),
+])
+def test_bad_policies_are_refused_by_the_schema(api, spec, message):
+    from kubernetes.client.exceptions import ApiException
+
+    ns = Ns(api)
+    with pytest.raises(ApiException) as err:
+        ns.policy("bad", {"selector": {}, **spec})
+    assert err.value.status == 422 and message in err.value.body, err.value.body
+
+
+def test_a_selector_requirement_needs_values_for_in_and_none_for_exists(api):
+    from kubernetes.client.exceptions import ApiException
+
+    ns = Ns(api)
+    for req in ({"key": "a", "operator": "In"}, {"key": "a", "operator": "Exists", "values": ["x"]}):
+        with pytest.raises(ApiException) as err:
+            ns.policy("bad", {"selector": {"matchExpressions": [req]}})
+        assert "values must be non-empty for In and NotIn" in err.value.body
