@@ -368,3 +368,30 @@ def scrape(port: int) -> list[tuple[str, dict, float]]:
 
 def metric(samples, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CPUMeter:
+    """CPU seconds each named process spends between start() and stop(): robust on a busy machine,
+    where wall-clock figures mostly measure the neighbours."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> CPUMeter:
+        self._start = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self.spent = {n: cpu_seconds(p) - self._start[n] for n, p in self.pids.items()}
+        return self.spent
+
+
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])

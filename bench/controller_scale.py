@@ -111,17 +111,22 @@ def main() -> None:
             vms = b.VMWatch(api)
             names = [f"vm-{i:05d}" for i in range(args.vms)]
             prof = spy(args.profile, ref.pid, "controller-live")
+            meter = b.CPUMeter({"controller": ref.pid, "kube-apiserver": w.cp.processes["kube-apiserver"].pid,
+                                "etcd": w.cp.processes["etcd"].pid}).start()
             t0 = time.perf_counter()
             began = create_all(api, names)
             created = time.perf_counter() - t0
             vms.wait(names, "scheduled", 3600)
+            cpu = meter.stop()
+            result["load_average"] = b.load_average()
             unspy(prof)
             done = max(vms.marks[n]["scheduled"] for n in names)
             wall = done - t0
             latency = [vms.marks[n]["scheduled"] - began[n] for n in names]
             result["live"] = {"create_seconds": created, "create_rate": args.vms / created,
                               "place_seconds": wall, "placement_rate": args.vms / wall,
-                              "apply_to_scheduled": b.summary(latency)}
+                              "apply_to_scheduled": b.summary(latency), "cpu_seconds": cpu,
+                              "controller_cpu_ms_per_vm": cpu["controller"] * 1000 / args.vms}
             placed = settle(ref.pid)
             result["rss_placed"] = placed
             result["rss_hwm"] = hwm_bytes(ref.pid)
@@ -164,6 +169,8 @@ def main() -> None:
           f"max {lat['max'] * 1000:.0f} ms")
     print(f"  spread: {result['per_node']['min']}..{result['per_node']['max']} VMs per node on "
           f"{result['per_node']['nodes']} nodes")
+    print("  CPU while placing: " + ", ".join(f"{k} {v:.1f} s" for k, v in live["cpu_seconds"].items())
+          + f"; controller {live['controller_cpu_ms_per_vm']:.1f} ms per VM (load average {result['load_average']})")
     if "cold" in result:
         print(f"  cold start, all unplaced: {result['cold']['place_seconds']:.1f} s, "
               f"{result['cold']['placement_rate']:.0f} VMs/s")

@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator.api import meta, quantity
 from libvirt_operator.controller.placement import Node, VMRef, vm_ref
 from libvirt_operator.kube import leases, resources
-from libvirt_operator.kube.client import core, custom_objects
+from libvirt_operator.kube.client import coordination, core, custom_objects
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def read(pinned_node: str | None, operator_namespace: str) -> Snapshot:
     else:
         nodes = [node_of(n) for n in core().list_node(label_selector=f"{meta.LIBVIRT_NODE_LABEL}=true").items]
     return Snapshot(nodes, leases.alive_nodes(operator_namespace), began)
+
+
+def warm_up() -> None:
+    """Import the API modules placement uses (the client library loads each on first use)."""
+    core(), custom_objects(), coordination()
 
 
 LIST_PAGE = 500  # objects per page: a large cluster is never held in memory all at once

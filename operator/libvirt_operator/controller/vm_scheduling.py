@@ -33,7 +33,10 @@ CONFLICT_ATTEMPTS = 3  # re-read and decide again this often when the VM changed
 NODES_REUSE_SECONDS = 1.0  # within a burst, a reading of nodes and leases serves the decisions of this long
 RESEED_SECONDS = 300.0  # a full listing of VMs this often, for deletions the watch may have missed
 EVENT_THREADS = 2
-API_THREADS = 16  # blocking API calls of the placements in flight (asyncio's default is cores + 4)
+# Blocking API calls in flight (asyncio's default is cores + 4). With the Events' threads, no more than
+# the client's connection pool keeps (cores * 5, at least 10): a thread beyond it opens a new TLS
+# connection per call, which costs the API server and us more than waiting.
+API_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Scheduler:
         # NODES_REUSE_SECONDS old; by pinned node (None: all libvirt nodes).
         self._nodes: dict[str | None, cluster.Snapshot] = {}
         self._waiting = 0
+        # uid -> resourceVersion our label patch returned, until the watch brings that version back
+        # (it shows the label without the status we wrote right after: nothing to do).
+        self._labelled: dict[str, str] = {}
         self._retries: dict[str, _Retry] = {}
         self._running: set[asyncio.Task] = set()
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
@@ -77,11 +83,15 @@ class Scheduler:
         key = VMKey(md["namespace"], md["name"], md["uid"])
         self._track(event_type, vm)
         if event_type == "DELETED" or not schedule_status.needs_work(vm):
+            self._labelled.pop(key.uid, None)
             self._cancel_retry(key.uid)
             return
         retry = self._retries.get(key.uid)
         if retry is not None and retry.generation == md.get("generation"):
             return  # same spec as the last attempt: the pending retry will look again
+        if md.get("resourceVersion") and self._labelled.get(key.uid) == md["resourceVersion"]:
+            del self._labelled[key.uid]  # our own label patch coming back: its status write followed it
+            return
         self._cancel_retry(key.uid)
         # An unplaced VM as the event shows it: the label patch is conditional on its version, so a
         # stale one costs only a re-read. A placed one is read afresh: the event may predate our
@@ -124,6 +134,7 @@ class Scheduler:
             generation = vm["metadata"].get("generation")
             node = (vm["metadata"].get("labels") or {}).get(meta.NODE_LABEL)
             decision: Decision | None = None
+            labelled_rv: str | None = None
             if not node:
                 decision, previous = await self._decide(vm)
                 metrics.placed(decision)
@@ -144,8 +155,11 @@ class Scheduler:
                         raise
                     self.index.update(placement.vm_ref(vm), time.monotonic())
                     node = decision.node
+                    labelled_rv = vm["metadata"].get("resourceVersion")
                     log.info("placed %s/%s on node %s: %s", key.namespace, key.name, node, decision.message)
             if node:
+                if labelled_rv:
+                    self._labelled[key.uid] = labelled_rv
                 await self._report_scheduled(vm, node, decision)
                 return None, generation
             await self._report_unscheduled(vm, decision)
@@ -280,6 +294,9 @@ def register(registry: kopf.OperatorRegistry, scheduler: Scheduler) -> None:
     async def threads(**_) -> None:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"))
+        # The client library imports an API module on its first use (CoreV1Api alone takes seconds
+        # on a busy machine): pay that now, not in the first burst of placements.
+        await asyncio.to_thread(cluster.warm_up)
 
     @kopf.on.event(meta.GROUP, meta.VERSION, resources.VMS, id="placement", registry=registry)
     async def vm_event(event: Mapping, body: kopf.Body, **_) -> None:
