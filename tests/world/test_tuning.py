@@ -277,3 +277,32 @@ def test_q6_a_limit_below_usage_is_refused_and_growing_past_it_is_a_named_oom_ki
     assert run(guest.call(lambda d: d.state())) == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
     kills = [k for k in tuning.oom_kills(tuning.read_kernel_log()) if k.pid == pid]
     assert kills and kills[0].is_domain(name), "the kernel log names the memcg OOM kill of this QEMU"
+
+
+def test_apply_qos_of_one_vm_and_nothing_when_the_node_cannot_honour_it(running, node):
+    from libvirt_operator.api.qos import DiskQos, EffectiveQos, NicEffective
+
+    guest, name = running
+    pid = qemu_pid(name)
+    caps = tuning.detect(2)
+    qos = EffectiveQos(cpu=CpuQos(shares=300, limit_percent=50),
+                       memory=MemoryQos(hard_limit="1Gi", soft_limit="100Mi", guarantee="200Mi"),
+                       disks=[DiskQos(name="root", total_iops=100)])
+    applied = run(tuning.apply_qos(guest, qos, caps, shares=None, disk_targets={"root": "vda"}))
+    assert applied == {"cpu": {"shares": 300, "periodMicroseconds": 100000, "quotaMicroseconds": 50000},
+                       "memory": {"hardLimitKib": 1024 * 1024, "softLimitKib": 200 * 1024},
+                       "disks": {"root": {"total_iops_sec": 100}}}
+    # the node cannot tag VLANs: nothing at all is applied, the reason names the field
+    with pytest.raises(tuning.QosUnsupported) as err:
+        run(tuning.apply_qos(guest, EffectiveQos(cpu=CpuQos(shares=5000),
+                                                 network=[NicEffective(name="nic0", vlan=42)]),
+                             caps, shares=None, disk_targets={"root": "vda"}))
+    assert err.value.reason == "HostUnsupported" and "VLAN 42" in str(err.value)
+    assert run(guest.scheduler()).cpu_shares == 300
+    # everything removed
+    applied = run(tuning.apply_qos(guest, EffectiveQos(), caps, shares=None, disk_targets={"root": "vda"},
+                                   tuned_before=["root"]))
+    assert applied["cpu"] == {"shares": 1024, "periodMicroseconds": 100000, "quotaMicroseconds": None}
+    assert applied["memory"] == {"hardLimitKib": None, "softLimitKib": None}
+    assert run(guest.block_io_tune("vda")) == BlockIoTune()
+    assert qemu_pid(name) == pid

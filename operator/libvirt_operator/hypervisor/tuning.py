@@ -34,7 +34,7 @@ from libvirt_operator.api import quantity
 from libvirt_operator.api.qos import CpuQos, DiskIoTune, EffectiveQos, MemoryQos, Rate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
 UNLIMITED_KIB = 9007199254740991  # VIR_DOMAIN_MEMORY_PARAM_UNLIMITED: "no limit" for memtune
 CFS_PERIOD_US = 100_000
@@ -503,3 +503,51 @@ def read_kernel_log() -> str:
         finally:
             os.close(fd)
     return "\n".join(lines)
+
+
+# -- one VM at once (what agent/qos.py calls) ---------------------------------------------------------
+
+class QosUnsupported(Exception):
+    """The node cannot honour part of a VM's QoS; nothing of it was applied."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(p.message for p in problems))
+        self.problems = problems
+        self.reason = HOST_UNSUPPORTED
+
+
+async def apply_qos(guest: TuningMixin, qos: EffectiveQos, caps: Capabilities, *, shares: int | None,
+                    disk_targets: Mapping[str, str], tuned_before: Iterable[str] = ()) -> dict[str, Any]:
+    """Applies CPU, memory and disk I/O of one running VM (network is node-wide: netshape.apply_node).
+
+    `shares`: this VM's entry of floor_shares (None: its own or the default); `disk_targets`: disk name ->
+    target (vda); `tuned_before`: disk names that had limits, to clear those no longer listed.
+    Raises QosUnsupported (judge) before touching anything; returns what it applied (read back).
+    """
+    problems = judge(qos, caps)
+    if problems:
+        raise QosUnsupported(problems)
+    await guest.apply_cpu(qos.cpu, shares if shares is not None else qos.cpu.shares, caps.default_shares)
+    await guest.apply_memory(qos.memory)
+    listed = {d.name: d for d in qos.disks}
+    for name in sorted(set(listed) | set(tuned_before)):
+        target = disk_targets.get(name)
+        if target is not None:
+            await guest.set_block_io_tune(target, BlockIoTune.from_api(listed.get(name)))
+    return await read_applied(guest, {n: disk_targets[n] for n in listed if n in disk_targets})
+
+
+async def read_applied(guest: TuningMixin, disk_targets: Mapping[str, str]) -> dict[str, Any]:
+    """What libvirt reports as applied, in the API's units (for status and kubectl virsh)."""
+    sched, mem = await guest.scheduler(), await guest.memory_parameters()
+    quota = sched.global_quota
+    out: dict[str, Any] = {
+        "cpu": {"shares": sched.cpu_shares, "periodMicroseconds": sched.global_period,
+                "quotaMicroseconds": quota if quota and 0 < quota < QUOTA_RANGE_US[1] else None},
+        "memory": {"hardLimitKib": mem.hard_limit_kib, "softLimitKib": mem.soft_limit_kib},
+        "disks": {},
+    }
+    for name, target in disk_targets.items():
+        tune = await guest.block_io_tune(target)
+        out["disks"][name] = {k: v for k, v in tune.params().items() if v}
+    return out
