@@ -106,6 +106,8 @@ def test_a_ballooned_guest_gets_its_memory_back():
     live.current_memory_kib = 100 * MiB
     p = planned(None, spec(), live=live)
     assert ops(p) == [("set-memory", "memory.size")] and p.steps[0].value == 192 * MiB
+    live.current_memory_kib = 191 * MiB  # what the guest reports of a full balloon
+    assert planned(None, spec(), live=live).converged
 
 
 @pytest.mark.parametrize(("bus", "live_op"), [("virtio", "attach"), ("scsi", "attach"), ("usb", "attach"),

@@ -17,6 +17,8 @@ from libvirt_operator.domain import naming
 from libvirt_operator.domain.config import DomainConfig
 from libvirt_operator.domain.devices import Disk, HostDev, Interface, MemoryDevice
 
+# The balloon reports the guest's actual size, which may stay a little under the target.
+BALLOON_SLACK_KIB = 8 * 1024
 # Buses whose disks QEMU can hot-plug (SATA/IDE devices exist only from boot).
 HOTPLUG_BUSES = ("virtio", "scsi", "usb")
 
@@ -143,7 +145,7 @@ def _memory(desired: DomainConfig, live: DomainConfig, p: Plan, caps: HostCaps) 
             _restart(p, "memory.size")
         else:
             p.steps += [Step(Op.DETACH, "memory.size", alias=m.alias) for m in removable]
-    elif (live.current_memory_kib or have) < have:
+    elif (live.current_memory_kib or have) < have - BALLOON_SLACK_KIB:
         # ballooned below its size (e.g. a hand `virsh setmem`): give the guest its memory back
         p.steps.append(Step(Op.SET_MEMORY, "memory.size", value=have))
 
