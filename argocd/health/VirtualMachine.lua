@@ -3,9 +3,11 @@
 --   being deleted                                   Progressing
 --   no status yet                                   Progressing  (waiting for placement)
 --   Scheduled False (for this generation)           Degraded     (cannot be placed: reason)
---   status.observedGeneration behind the spec       Progressing  (the node agent has not acted yet)
+--   the agent has not judged this generation        Progressing  (neither its Ready condition nor
+--                                                                 status.observedGeneration carries it)
 --   Failure True                                    Degraded     (reason: message)
 --   phase Pending/Scheduled/Starting/Stopping/Terminating  Progressing
+--   Ready False: RestartRequired, Drifted, HostDeviceUnavailable  Degraded (waits for the user or the host)
 --   Ready True                                      Healthy      (Running, Stopped or Paused as the spec asks)
 --   stopped on its own (haltedGeneration current)   Degraded     (stays stopped until the spec changes)
 --   paused by the hypervisor                        Degraded
@@ -30,7 +32,10 @@ if scheduled ~= nil and scheduled.status == "False" then
   return answer("Degraded", "Not scheduled: " .. explain(scheduled))
 end
 
-if status.observedGeneration == nil or status.observedGeneration < generation then
+-- status.observedGeneration is the generation the running domain matches: it lags while a change
+-- waits for a restart; the Ready condition's observedGeneration says the agent has judged the spec.
+local judged = ready ~= nil and ready.observedGeneration ~= nil and ready.observedGeneration >= generation
+if not judged and (status.observedGeneration == nil or status.observedGeneration < generation) then
   local message = "Waiting for the node agent"
   if status.observedGeneration ~= nil then
     message = "Waiting for the node agent to act on generation " .. generation ..
@@ -61,6 +66,11 @@ if transitional[phase] then
     return answer("Progressing", phase_and_ready(phase))
   end
   return answer("Progressing", phase)
+end
+
+local needs_action = { RestartRequired = true, Drifted = true, HostDeviceUnavailable = true }
+if ready ~= nil and not is_true(ready) and needs_action[ready.reason] then
+  return answer("Degraded", explain(ready))
 end
 
 if is_true(ready) then

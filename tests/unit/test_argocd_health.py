@@ -252,6 +252,36 @@ def test_vm_the_agent_cannot_run_is_degraded():
     assert st == "Degraded" and message.startswith("PathNotAllowed: disk root")
 
 
+def live_change(obj: dict, reason: str, message: str) -> dict:
+    """The agent judged generation 2, but the running domain still matches generation 1."""
+    obj = after_pass(placed(vm()), RUNNING)
+    obj["metadata"]["generation"] = 2
+    return agent_reports(obj, agent_status.Report(
+        phase="Running", generation=2, observed_generation=1, ready=Cond("Ready", False, reason, message),
+        domain={"name": "default_web", "uuid": "u-1"}))
+
+
+@pytest.mark.parametrize("reason", ["RestartRequired", "Drifted", "HostDeviceUnavailable"])
+def test_vm_waiting_for_a_restart_or_the_host_is_degraded(reason):
+    st, message = health("VirtualMachine", live_change(vm(), reason, "boot"))
+    assert st == "Degraded" and reason in message and "boot" in message
+
+
+def test_vm_applying_a_live_change_is_progressing():
+    st, message = health("VirtualMachine", live_change(vm(), "LiveUpdatePending", "attach ua-disk-d"))
+    assert st == "Progressing" and "LiveUpdatePending" in message
+
+
+def test_failure_judged_for_this_generation_is_degraded_though_the_domain_lags():
+    obj = after_pass(placed(vm()), RUNNING)
+    obj["metadata"]["generation"] = 2
+    obj = agent_reports(obj, agent_status.Report(
+        phase="Running", generation=2, observed_generation=1, ready=Cond("Ready", False, "LiveUpdateFailed", "x"),
+        failure=Cond("Failure", True, "LiveUpdateFailed", "attach failed")))
+    st, message = health("VirtualMachine", obj)
+    assert st == "Degraded" and "attach failed" in message
+
+
 def test_vm_being_deleted_is_progressing():
     obj = after_pass(placed(vm()), RUNNING)
     obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
