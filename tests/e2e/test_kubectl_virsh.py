@@ -313,3 +313,23 @@ def test_wait_reestablishes_an_expired_watch(vms, cluster, vm_name):
     outcome = wait(client, vm_name, power_reached("Stopped")(vm), 60, start=stale, progress=lines.append)
     assert outcome.ok and outcome.message.startswith("Stopped on "), (outcome, lines)
     assert lines == [f"  {vm_name}: no status yet"]  # the stale object was seen first, then the VM as read
+
+
+def test_wait_follows_a_live_change_and_a_restart_required_one(virsh, vms, cluster, vm_name):
+    """Against the live-update agent: a vCPU hot-add up to maxVcpus is applied live; a change that
+    needs a restart ends --wait at once with RestartRequired, and `restart --wait` applies it."""
+    running(vms, cluster, vm_name, cpu={"vcpus": 1, "maxVcpus": 2})
+    out = ok(virsh("setvcpus", vm_name, "2", "--wait"))
+    assert "2 vCPUs applied" in out
+    assert vms.get(vm_name)["status"]["vcpus"] == 2
+
+    # Raising the ceiling cannot be done live (and the plugin has no verb for it: kubectl patch).
+    cluster.kubectl("patch", "lvm", vm_name, "-n", NS, "--type", "merge", "-p", '{"spec": {"cpu": {"maxVcpus": 3}}}')
+    result = virsh("setvcpus", vm_name, "3", "--wait", "--timeout", "120")
+    refused(result, "RestartRequired")
+    assert "cpu.maxVcpus" in result.stderr, result.stderr
+    out = ok(virsh("restart", vm_name, "--wait"))
+    assert "restart requested" in out and f"{vm_name}: Succeeded" in out
+    vm = vms.wait(vm_name, lambda v: (v["status"].get("observedGeneration") or 0) >= v["metadata"]["generation"]
+                  and condition(v, "Ready").get("status") == "True", "the restarted VM Ready", BOOT)
+    assert vm["status"]["vcpus"] == 3 and condition(vm, "RestartRequired").get("status") != "True"
