@@ -6,6 +6,8 @@ import re
 
 from libvirt_operator.api import meta, quantity
 from libvirt_operator.cli.plan import Refused, generation
+from libvirt_operator.domain.errors import RenderError
+from libvirt_operator.domain.targets import assign_targets
 
 __all__ = ["generation"]
 
@@ -67,9 +69,24 @@ def reported(vm: dict, kind: str) -> dict[str, dict]:
     return {d["name"]: d for d in (vm.get("status") or {}).get(kind) or [] if d.get("name")}
 
 
+def default_bus(disk: dict) -> str:
+    return disk.get("bus") or ("sata" if disk.get("device") == "cdrom" else "virtio")
+
+
+def assigned_targets(vm: dict) -> dict[str, str]:
+    """Each spec disk's target as the agent assigns it: explicit ones kept, the rest by bus order."""
+    items = disks(vm)
+    try:
+        assigned = assign_targets([(default_bus(d), d.get("target")) for d in items])
+    except (RenderError, ValueError, KeyError):  # the agent refuses such a spec; show what is explicit
+        return {d["name"]: d["target"] for d in items if d.get("target")}
+    return {d["name"]: t for d, t in zip(items, assigned, strict=True)}
+
+
 def disk_target(vm: dict, disk: dict) -> str | None:
-    """The disk's guest target: the spec's, else the one the node agent reports."""
-    return disk.get("target") or (reported(vm, "disks").get(disk["name"]) or {}).get("target")
+    """The disk's guest target: the spec's, else the one the node agent reports, else the one it will assign."""
+    return disk.get("target") or (reported(vm, "disks").get(disk["name"]) or {}).get("target") \
+        or assigned_targets(vm).get(disk["name"])
 
 
 def find_disk(vm: dict, key: str) -> tuple[int, dict]:

@@ -190,3 +190,12 @@ def test_detach_interface_by_type_mac_or_name():
         plan("detach-interface web network --mac 52:54:00:00:00:09", vm)
     with pytest.raises(Refused, match="not both"):
         plan("detach-interface web network --mac 52:54:00:00:00:01 --name nic0", vm)
+
+
+def test_attach_disk_knows_the_targets_the_agent_will_assign():
+    """Disks without a target and not yet reported get theirs by bus order: vda is root's."""
+    with pytest.raises(Refused, match="target vda is taken by disk 'root'"):
+        plan(f"attach-disk web {IMG}/d.qcow2 vda", make_vm())
+    with pytest.raises(Refused, match="target sda is taken by disk 'iso'"):
+        plan(f"attach-disk web {IMG}/d.qcow2 sda --targetbus sata", make_vm())
+    assert [d["name"] for d in apply(make_vm(), plan("detach-disk web sda", make_vm()))["spec"]["disks"]] == ["root"]

@@ -9,7 +9,9 @@ from libvirt_operator.cli.client import VMClient
 from libvirt_operator.cli.output import table
 from libvirt_operator.cli.plan import Plan, arg, command, verb
 from libvirt_operator.cli.vmread import (
+    assigned_targets,
     condition,
+    default_bus,
     disks,
     human,
     interfaces,
@@ -19,8 +21,6 @@ from libvirt_operator.cli.vmread import (
     state_reason,
     to_bytes,
 )
-from libvirt_operator.domain.errors import RenderError
-from libvirt_operator.domain.targets import assign_targets
 
 NOT_REPORTED = "* not yet reported by the node agent (shown from the spec)"
 
@@ -58,29 +58,19 @@ def vm_table(vms: list[dict], all_namespaces: bool, wide: bool) -> str:
     return table(header, rows)
 
 
-def _spec_targets(vm: dict) -> dict[str, str]:
-    """Each spec disk's target as the agent assigns it (explicit ones kept, the rest by bus order)."""
-    items = disks(vm)
-    pairs = [(d.get("bus") or ("sata" if d.get("device") == "cdrom" else "virtio"), d.get("target")) for d in items]
-    try:
-        return {d["name"]: t for d, t in zip(items, assign_targets(pairs), strict=True)}
-    except (RenderError, ValueError, KeyError):
-        return {d["name"]: d.get("target") or "" for d in items}
-
-
 @verb("domblklist", "list the VM's disks (from status.disks; the spec's for disks not yet reported)",
       arg("--details", action="store_true", help="also name, device, bus, format, capacity and backing chain"),
       wait=False)
 def domblklist(vm: dict, args: argparse.Namespace) -> Plan:
     seen = reported(vm, "disks")
-    targets = _spec_targets(vm)
+    targets = assigned_targets(vm)
     rows: list[tuple[bool, dict]] = [(True, d) for d in seen.values()]
     for d in disks(vm):
         if d["name"] not in seen:
             size = d.get("size")
             rows.append((False, {
                 "name": d["name"], "target": targets.get(d["name"], ""),
-                "bus": d.get("bus") or ("sata" if d.get("device") == "cdrom" else "virtio"),
+                "bus": default_bus(d),
                 "device": d.get("device", "disk"), "path": d.get("path"),
                 "format": d.get("format") or ("raw" if d.get("device") == "cdrom" else "qcow2"),
                 "capacityBytes": to_bytes(size) if size else None}))
