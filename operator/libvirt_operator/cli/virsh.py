@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator.cli import verbs as _verbs  # noqa: F401  (registers the verbs)
 from libvirt_operator.cli.client import VMClient, api_message, connect
-from libvirt_operator.cli.plan import VERBS, Plan, Refused, Verb
+from libvirt_operator.cli.plan import VERBS, VM_PLURAL, Plan, Refused, Verb
 from libvirt_operator.cli.vmread import generation
 from libvirt_operator.cli.wait import wait
 
@@ -74,6 +74,21 @@ def plan(argv: Sequence[str], vm: dict) -> Plan:
     return v.plan(vm, args)
 
 
+def follow(last: tuple[str, dict] | None, vm: dict) -> tuple[str, dict]:
+    """What --wait watches: the object the plan's last action wrote (a created object, or the VM),
+    else the VM as read."""
+    return last if last is not None else (VM_PLURAL, vm)
+
+
+def done(plural: str, obj: dict, acted: bool) -> str:
+    """What the summary adds once the actions are taken."""
+    if not acted:
+        return ""
+    if plural == VM_PLURAL:
+        return f" (generation {generation(obj)})"
+    return f" ({plural.removesuffix('s')} {obj['metadata']['name']} created)"
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -93,16 +108,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         if p.note:
             print(p.note, file=sys.stderr)
         last = vms.apply(args.name, p)
+        plural, updated = follow(last, vm)
         if p.summary:
-            suffix = ""
-            if last is not None and last[0] == "virtualmachines":
-                suffix = f" (generation {generation(last[1])})"
-            elif last is not None:
-                suffix = f" ({last[0].removesuffix('s')} {last[1]['metadata']['name']} created)"
-            print(p.summary + suffix)
+            print(p.summary + done(plural, updated, acted=last is not None))
         if not getattr(args, "wait", False) or p.check is None:
             return 0
-        plural, updated = last if last is not None else ("virtualmachines", vm)
         outcome = wait(vms, updated["metadata"]["name"], p.check(updated), args.timeout, start=updated, plural=plural)
         print(f"{args.name}: {outcome.message}", file=sys.stdout if outcome.ok else sys.stderr)
         return 0 if outcome.ok else 1

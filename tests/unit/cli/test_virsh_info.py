@@ -95,3 +95,36 @@ def test_domiflist_from_status_and_spec():
 def test_a_vm_verb_needs_a_vm():
     with pytest.raises(Refused):
         plan("detach-disk web nope", make_vm())
+
+
+def test_a_verb_may_create_an_object_and_wait_on_it():
+    """The table expresses 'create object X' as well as 'patch VM' (snapshot-create-as, migrate later)."""
+    from libvirt_operator.cli.plan import CreateObject, Result
+
+    @verb("test-snapshot", "create a VMSnapshot of the VM", arg("snapshot", metavar="SNAPSHOT"))
+    def _snapshot(vm: dict, args: argparse.Namespace):
+        body = {"kind": "VMSnapshot", "metadata": {"name": args.snapshot},
+                "spec": {"vmName": vm["metadata"]["name"]}}
+        return virsh.Plan(f"snapshot {args.snapshot} requested", actions=[CreateObject("vmsnapshots", body)],
+                          check=lambda created: lambda now: Result(True, "Ready") if (now.get("status") or {})
+                          .get("phase") == "Ready" else None)
+
+    try:
+        virsh._parser.cache_clear()
+        p = plan("test-snapshot web s1", make_vm())
+        (action,) = p.actions
+        assert action.plural == "vmsnapshots" and action.name == "s1" and action.body["spec"] == {"vmName": "web"}
+        created = {"metadata": {"name": "s1", "generation": 1}, "status": {}}
+        assert virsh.follow(("vmsnapshots", created), make_vm()) == ("vmsnapshots", created)
+        assert virsh.done("vmsnapshots", created, acted=True) == " (vmsnapshot s1 created)"
+        assert p.check(created)({"status": {"phase": "Ready"}}).ok
+    finally:
+        del VERBS["test-snapshot"]
+        virsh._parser.cache_clear()
+
+
+def test_what_the_wait_follows_without_actions():
+    vm = make_vm()
+    assert virsh.follow(None, vm) == ("virtualmachines", vm)
+    assert virsh.done("virtualmachines", vm, acted=False) == ""
+    assert virsh.done("virtualmachines", vm, acted=True) == " (generation 3)"
