@@ -232,6 +232,8 @@ def main() -> None:
             idle = process_census(node)
             results: dict[str, dict] = {}
             census: dict = {"idle": idle}
+            cpu: dict[str, dict[str, float]] = {}  # size -> process -> CPU seconds per VM (start + delete)
+            loads: dict[str, float] = {}
             for size in sizes:
                 runs = args.repeat if size == 1 else 1
                 raw_runs, op_runs = [], []
@@ -244,15 +246,23 @@ def main() -> None:
                     def peak(size=size):
                         census[f"{size}_running"] = process_census(node)
 
+                    meter = b.CPUMeter(pids).start()
                     with Profiler(profile, pids):
                         op_runs.append(operator_burst(api, vms, events, spec, names, node.name, at_peak=peak))
+                    for proc, spent in meter.stop().items():
+                        cpu.setdefault(str(size), {}).setdefault(proc, 0.0)
+                        cpu[str(size)][proc] += spent / (size * runs)
                     time.sleep(1)
                 raw, op = merge(raw_runs), merge(op_runs)
                 results[str(size)] = {"raw": {k: b.summary(v) for k, v in raw.items()},
                                       "operator": {k: b.summary(v) for k, v in op.items()},
                                       "samples": {"raw": raw, "operator": op}}
                 label = f"{size} VM{'s' if size > 1 else ''} at once" + (f" (x{runs})" if runs > 1 else "")
+                loads[str(size)] = b.load_average()
                 print_size(label, results[str(size)]["raw"], results[str(size)]["operator"])
+                print("  CPU per VM (start + delete): " + ", ".join(
+                    f"{proc} {sec * 1000:.0f} ms" for proc, sec in cpu[str(size)].items())
+                    + f"; load average {loads[str(size)]}")
         finally:
             vms.close()
             events.close()
@@ -266,7 +276,7 @@ def main() -> None:
     per_vm = {k: v for k, v in census.get(f"{max(sizes)}_running", {}).items() if idle.get(k, 0) != v}
     print(f"  processes that grew with {max(sizes)} VMs: {per_vm or 'none'}")
     path = b.write_result(args.out, {"sizes": results, "targets": checks, "processes": census,
-                                     "per_vm_processes": per_vm})
+                                     "per_vm_processes": per_vm, "cpu_per_vm": cpu, "load_average": loads})
     print(f"\nwrote {path}")
 
 
