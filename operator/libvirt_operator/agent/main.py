@@ -16,6 +16,7 @@ from libvirt_operator.agent.reconcile import Reconciler
 from libvirt_operator.agent.store import VMStore, key_of
 from libvirt_operator.agent.workqueue import WorkQueue
 from libvirt_operator.api import meta
+from libvirt_operator.hypervisor import tuning
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.host import Host
 from libvirt_operator.kube import events
@@ -46,6 +47,13 @@ class Agent:
         # QEMU 7.2/libvirt 9.0 (TCG, q35): a live vCPU unplug times out in libvirt and leaves its vCPU
         # count stale, and a later DIMM attach can crash QEMU. A lower vCPU count waits for a restart.
         self.reconciler.caps = HostCaps(cpus=info.cpus, vcpu_unplug=False, dimm_unplug=True)
+        try:
+            self.reconciler.qos.caps = await asyncio.to_thread(tuning.detect, info.cpus)
+            caps = self.reconciler.qos.caps
+            log.info("QoS on %s: cgroup v%d, NIC shaping %s", self.cfg.node_name, caps.cgroup_version,
+                     caps.network_mechanism or "unavailable")
+        except Exception:
+            log.exception("probing the node's QoS capabilities failed; QoS is reported HostUnsupported")
         self.queue.start()
         self._tasks = [
             asyncio.create_task(heartbeat.run(self.cfg.namespace, self.cfg.node_name,

@@ -17,6 +17,7 @@ from libvirt_operator.agent import checks, define, power, power_actions, report,
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.liveupdate.apply import LiveUpdater
 from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
+from libvirt_operator.agent.qos import QosApplier
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
@@ -42,6 +43,7 @@ class Reconciler:
         self.has_kvm = False  # learned from the host's domain capabilities at startup
         self.caps = HostCaps(cpus=1)  # likewise
         self.live = LiveUpdater()
+        self.qos = QosApplier(store)
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
 
@@ -159,6 +161,7 @@ class Reconciler:
     async def _live_update(self, obj, guest: Guest, defined: define.Defined, runnable, seen) -> report.Live:
         """Plans and applies the live steps; the outcome, re-planned on the domain as it now is."""
         if seen.state not in LIVE_STATES:
+            self.qos.forget((obj["metadata"]["namespace"], obj["metadata"]["name"]))
             return report.Live(facts_xml=defined.stored, running=False)
         sizes = define.wanted_sizes(runnable)
         xml = await guest.xml()
@@ -180,12 +183,14 @@ class Reconciler:
             live = DomainConfig.from_xml(xml)
             caps = await self._capacities(guest, live, sizes)
             p = plan(defined.wanted, live, defined.stored, caps=self.caps, sizes=sizes, capacities=caps)
+        qos = await self.qos.apply(obj, guest, live)
         if p.converged and booted != gen and live.operator_metadata is not None:
             live.operator_metadata.generation = gen
             await guest.set_operator_metadata(live.operator_metadata.to_api_xml(), live=True)
             booted = gen
         return report.Live(facts_xml=live, running=True, xml=xml, plan=p, result=result, matched_generation=booted,
-                           capacities=caps, requeue=2.0 if result and result.waiting else None)
+                           capacities=caps, requeue=2.0 if result and result.waiting else None,
+                           qos_condition=qos.condition, qos_applied=qos.applied)
 
     async def _capacities(self, guest: Guest, live: DomainConfig, sizes: dict[str, int]) -> dict[str, int]:
         out = {}

@@ -16,7 +16,7 @@ from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.kube import conditions
 from libvirt_operator.kube.conditions import Cond
 
-EXTRA = ("RestartRequired", "Drifted", "HostDeviceUnavailable")
+EXTRA = ("RestartRequired", "Drifted", "HostDeviceUnavailable", "QosApplied")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Live:
     matched_generation: int | None = None  # newest generation the running domain matched
     capacities: dict[str, int] = field(default_factory=dict)
     requeue: float | None = None
+    qos_condition: Cond | None = None  # QosApplied
+    qos_applied: dict | None = None  # status.qosApplied
 
 
 def for_pass(obj: dict, spec: VirtualMachineSpec, guest: Guest, after: power.Decision, stopping: bool,
@@ -54,6 +56,8 @@ def for_pass(obj: dict, spec: VirtualMachineSpec, guest: Guest, after: power.Dec
     if unavailable:
         extra.append(Cond("HostDeviceUnavailable", True, "HostDeviceUnavailable",
                           "; ".join(f"{k}: {v}" for k, v in sorted(unavailable.items()))))
+    if live.qos_condition is not None:
+        extra.append(live.qos_condition)
     reason, message = _not_ready(after, failure, restart, drift, result, p, unavailable, live.running)
     ready = Cond("Ready", reason is None, reason or after.reason, message or ("" if reason is None else after.message))
     halted = gen if st.get("haltedGeneration") == gen or after.halt else None
@@ -64,7 +68,9 @@ def for_pass(obj: dict, spec: VirtualMachineSpec, guest: Guest, after: power.Dec
         domain={"name": guest.name, "uuid": guest.uuid},
         agent_connected=agent_condition(spec, live), failure=failure, extra=extra,
         halted_generation=halted, shutdown=st.get("shutdown") if stopping else None, requests=outcomes,
-        devices=device_facts(live.facts_xml, live.capacities), pending_restart=[] if drift else restart,
+        devices={**device_facts(live.facts_xml, live.capacities),
+                 "qosApplied": live.qos_applied if live.running else st.get("qosApplied")},
+        pending_restart=[] if drift else restart,
     )
 
 

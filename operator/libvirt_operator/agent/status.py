@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 # Status fields the agent owns (server-side apply removes what an apply omits).
 AGENT_FIELDS = ("phase", "observedGeneration", "domain", "haltedGeneration", "shutdown", "lastReboot", "lastReset",
-                "lastRestart", "vcpus", "memory", "disks", "interfaces", "pendingRestart")
-AGENT_CONDITIONS = ("Ready", "AgentConnected", "Failure", "RestartRequired", "Drifted", "HostDeviceUnavailable")
+                "lastRestart", "vcpus", "memory", "disks", "interfaces", "pendingRestart", "qosApplied")
+AGENT_CONDITIONS = ("Ready", "AgentConnected", "Failure", "RestartRequired", "Drifted", "HostDeviceUnavailable",
+                    "QosApplied")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def carried_conditions(status: dict | None, types: tuple[str, ...]) -> list[Cond
 def carried_devices(status: dict | None) -> dict[str, Any]:
     """Device facts already in status, kept when a pass cannot read the domain."""
     status = status or {}
-    return {k: status[k] for k in ("vcpus", "memory", "disks", "interfaces") if k in status}
+    return {k: status[k] for k in ("vcpus", "memory", "disks", "interfaces", "qosApplied") if k in status}
 
 
 async def apply(obj: dict, report: Report) -> dict | None:

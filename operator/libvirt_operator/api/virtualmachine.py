@@ -19,6 +19,7 @@ from libvirt_operator.api.base import (
     cel,
     validations,
 )
+from libvirt_operator.api.qos import QosSpec, QosStatus
 
 PowerState = Literal["Running", "Stopped", "Paused"]
 # A host CPU list as virsh writes it: "0-3,6".
@@ -222,6 +223,8 @@ class VirtualMachineSpec(ApiModel):
     reboot: RebootRequest | None = Field(None, description="One-shot reboot request.")
     reset: ResetRequest | None = Field(None, description="One-shot hard reset request.")
     restart: RestartRequest | None = Field(None, description="One-shot cold restart request.")
+    qos: QosSpec | None = Field(None, description="QoS of this VM; each value overrides the VMQosPolicies "
+                                "that select it (see api/qos.py for units and mechanisms).")
     disk_deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="Delete removes the VM's writable disk files (not their backing files) "
         "when the VM is deleted."
@@ -269,6 +272,18 @@ class InterfaceStatus(ApiModel):
     host_device: str | None = Field(None, description="Host-side device, e.g. the tap.")
 
 
+class QosApplied(ApiModel):
+    """What the node agent applied of status.qos, read back from libvirt and the node."""
+
+    network_mechanism: str | None = Field(None, description="libvirt (<bandwidth>), tc (HTB/IFB), or none.")
+    cgroup: str | None = Field(None, description="The node's cgroup version, v1 or v2.")
+    cpu: dict[str, int] | None = None
+    memory: dict[str, int] | None = None
+    disks: dict[str, dict[str, int]] | None = None
+    interfaces: dict[str, dict[str, int]] | None = Field(None, description="Per NIC: the tc rates in bit/s.")
+    generation: int | None = Field(None, description="The status.qos observedGeneration applied.")
+
+
 class VirtualMachineStatus(ApiModel):
     phase: Phase | None = None
     node_name: str | None = None
@@ -288,6 +303,8 @@ class VirtualMachineStatus(ApiModel):
     interfaces: list[InterfaceStatus] = Field(default_factory=list, json_schema_extra=NAMED_LIST)
     pending_restart: list[str] = Field(default_factory=list, description="Spec fields that apply at the next "
                                        "restart (see the RestartRequired condition).")
+    qos: QosStatus | None = Field(None, description="Effective QoS, resolved by the controller.")
+    qos_applied: QosApplied | None = Field(None, description="What the node agent applied of it.")
 
 
 class VirtualMachine(ApiModel):

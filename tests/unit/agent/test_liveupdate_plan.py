@@ -71,6 +71,11 @@ def test_memory_grows_by_a_dimm_of_the_difference():
     assert (dimm.model, dimm.size_kib, dimm.node, dimm.alias) == ("dimm", 128 * MiB, 0, naming.dimm_alias(0))
 
 
+def test_memory_grows_live_only_in_whole_128mi_dimms():
+    p = planned(spec(), spec(memory={"size": "256Mi", "maxSize": "512Mi"}))
+    assert p.steps == [] and p.restart == ["memory.size"]
+
+
 def with_dimm(d: DomainConfig, index: int, kib: int) -> DomainConfig:
     d = copy.deepcopy(d)
     d.devices.memories.append(MemoryDevice(model="dimm", size_kib=kib, node=0, alias=naming.dimm_alias(index)))

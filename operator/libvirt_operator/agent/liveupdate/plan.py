@@ -19,6 +19,9 @@ from libvirt_operator.domain.devices import Disk, HostDev, Interface, MemoryDevi
 
 # The balloon reports the guest's actual size, which may stay a little under the target.
 BALLOON_SLACK_KIB = 8 * 1024
+# The guest onlines hot-added memory in blocks of this size, at addresses aligned to it; QEMU
+# places DIMMs back to back, so one DIMM of another size would strand every later one.
+DIMM_ALIGN_KIB = 128 * 1024
 # Buses whose disks QEMU can hot-plug (SATA/IDE devices exist only from boot).
 HOTPLUG_BUSES = ("virtio", "scsi", "usb")
 
@@ -133,7 +136,8 @@ def _memory(desired: DomainConfig, live: DomainConfig, p: Plan, caps: HostCaps) 
     want, have = desired.memory_kib or 0, live.memory_kib or 0
     dimms = [m for m in live.devices.memories if m.model == "dimm"] if live.devices else []
     if want > have:
-        if (live.max_memory_kib or 0) < want or len(dimms) >= (live.max_memory_slots or 0):
+        if ((live.max_memory_kib or 0) < want or len(dimms) >= (live.max_memory_slots or 0)
+                or (want - have) % DIMM_ALIGN_KIB):
             _restart(p, "memory.size")
         else:
             index = 1 + max((_dimm_index(m) for m in dimms), default=-1)
