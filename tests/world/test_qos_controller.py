@@ -12,12 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
-from libvirt_operator.api import crds, meta
-from libvirt_operator.api.qos import QosSpec, QosStatus
-from libvirt_operator.api.virtualmachine import VirtualMachine, VirtualMachineSpec, VirtualMachineStatus
+from libvirt_operator.api import meta
 from libvirt_operator.kube import client as kube_client
 from libvirt_operator.kube import resources
 from localenv.controlplane import ControlPlane, expected_bin_dir, require_binaries
@@ -31,22 +28,7 @@ TIMEOUT = 30.0
 
 
 def _crd_files(tmp: Path) -> list[Path]:
-    """crds/, with the VM CRD carrying spec.qos/status.qos even before api/virtualmachine.py declares them."""
-    files = [p for p in sorted((REPO / "crds").glob("*.yaml")) if "virtualmachines" not in p.name]
-    spec, status = VirtualMachineSpec, VirtualMachineStatus
-    if "qos" not in spec.model_fields:
-        spec = type("VirtualMachineSpec", (VirtualMachineSpec,), {"__annotations__": {"qos": QosSpec | None},
-                                                                  "qos": None})
-    if "qos" not in status.model_fields:
-        status = type("VirtualMachineStatus", (VirtualMachineStatus,), {
-            "__annotations__": {"qos": QosStatus | None}, "qos": None})
-    vm_model = type("VirtualMachine", (VirtualMachine,), {"__annotations__": {"spec": spec, "status": status | None},
-                                                          "status": None})
-    [kind] = [k for k in crds.KINDS if k.kind == "VirtualMachine"]
-    vm_file = tmp / "vm-crd.yaml"
-    vm_file.write_text(yaml.safe_dump(crds.crd(crds.Kind(kind.kind, kind.plural, kind.short_names, vm_model,
-                                                         kind.columns))))
-    return [*files, vm_file]
+    return sorted((REPO / "crds").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
