@@ -434,7 +434,7 @@ def up(world_dir: Path) -> KubeletCluster:
         cp.kubelet_bin_dir = kubelet_bin
         cp.start()
     storage = world_dir / "storage"
-    storage.mkdir(parents=True, exist_ok=True)
+    (storage / "console").mkdir(parents=True, exist_ok=True)  # the agent's consoleLogDir (virtlogd writes there)
     os.chmod(storage, 0o755)
     try:
         node = KubeletLibvirtNode.load(world_dir, NODE_NAME)

@@ -77,7 +77,8 @@ class KubeletLane:
         storage = str(self.cluster.storage)
         doc = yaml.safe_load(SAMPLE.read_text().replace("@STORAGE@", storage))
         doc["metadata"]["name"] = name
-        doc["spec"]["boot"]["kernel"]["cmdline"] = self.image.cmdline
+        doc["spec"]["boot"]["kernel"] = {"kernel": str(self.image.kernel), "initrd": str(self.image.initrd),
+                                         "cmdline": self.image.cmdline}
         return yaml.safe_dump(doc)
 
     def diagnostics(self) -> str:
