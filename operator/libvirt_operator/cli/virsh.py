@@ -122,6 +122,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ApiException as exc:
         print(f"error: {api_message(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # ^C during --wait: what was asked stays asked
+        print(f"\n{args.verb}: stopped waiting; the request stands (see 'kubectl virsh list')", file=sys.stderr)
+        return 130
 
 
 def main() -> None:
