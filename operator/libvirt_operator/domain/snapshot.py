@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 
-from libvirt_operator.domain.xmlbase import Attr, Children, Text, XMLElement
+from libvirt_operator.domain.xmlbase import Attr, Children, Text, XMLElement, parse_element
 
 
 class SnapshotDisk(XMLElement):
@@ -69,3 +70,36 @@ def external_snapshot(overlays: Mapping[str, str], memory_file: str | None = Non
     for target in skip:
         snap.disks.append(SnapshotDisk(name=target, snapshot="no"))
     return snap
+
+
+def retarget_disks(domain_xml: str, leaves: Mapping[str, str], fmt: str = "qcow2") -> str:
+    """`domain_xml` with each disk in `leaves` ({target: file}) pointed at its new file of format `fmt`
+    and its <backingStore> dropped (libvirt reads the chain from the file itself). For a revert: the
+    XML embedded in a memory snapshot names the pre-snapshot files, which are now backing files; a
+    restore must run on new leaves over them. KeyError names a target the XML lacks."""
+    root = parse_element(domain_xml)
+    missing = set(leaves)
+    for disk in root.iterfind("./devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in leaves:
+            continue
+        missing.discard(dev)
+        disk.set("type", "file")
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", name="qemu")
+            disk.insert(0, driver)
+        driver.set("type", fmt)
+        source = disk.find("source")
+        if source is None:
+            source = ET.Element("source")
+            disk.insert(list(disk).index(driver) + 1, source)
+        for attr in ("dev", "dir", "pool", "volume", "index"):
+            source.attrib.pop(attr, None)
+        source.set("file", leaves[dev])
+        for store in disk.findall("backingStore"):
+            disk.remove(store)
+    if missing:
+        raise KeyError(f"the domain has no disk {', '.join(sorted(missing))}")
+    return ET.tostring(root, encoding="unicode")

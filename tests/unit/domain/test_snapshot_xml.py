@@ -1,8 +1,10 @@
 """<domainsnapshot> element classes: what the hypervisor layer sends to snapshotCreateXML."""
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
-from libvirt_operator.domain.snapshot import DomainSnapshot, SnapshotDisk, external_snapshot
+from libvirt_operator.domain.snapshot import DomainSnapshot, SnapshotDisk, external_snapshot, retarget_disks
 from libvirt_operator.domain.xmlbase import canonical_xml
 
 # The shape libvirt documents (and prints back in snapshot XML), with parts we do not model.
@@ -70,3 +72,40 @@ def test_children_are_written_in_libvirts_order():
 def test_a_snapshot_needs_a_disk():
     with pytest.raises(ValueError, match="at least one disk"):
         external_snapshot({}, "/img/m")
+
+
+SAVED_DOMAIN = """<domain type='qemu'>
+  <name>web</name>
+  <metadata><lvo:vm xmlns:lvo="https://libvirt-operator.io/xmlns/vm/1" name="web"/></metadata>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/img/web.raw' index='2'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+      <alias name='ua-disk-root'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/img/data.qcow2'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>"""
+
+
+def test_retarget_points_disks_at_new_leaves_and_drops_their_backing_store():
+    out = retarget_disks(SAVED_DOMAIN, {"vda": "/img/web.r1.qcow2"})
+    root = ET.fromstring(out)
+    vda, vdb = root.iterfind("./devices/disk")
+    assert vda.find("source").attrib == {"file": "/img/web.r1.qcow2"}
+    assert vda.find("driver").attrib == {"name": "qemu", "type": "qcow2"}
+    assert vda.find("backingStore") is None and vda.find("alias").get("name") == "ua-disk-root"
+    assert [c.tag for c in vda] == ["driver", "source", "target", "alias"]
+    assert ET.tostring(vdb) == ET.tostring(ET.fromstring(SAVED_DOMAIN).findall("./devices/disk")[1])
+    assert "<lvo:vm" in out  # foreign namespaces keep their prefix
+
+
+def test_retarget_refuses_an_unknown_target():
+    with pytest.raises(KeyError, match="vdz"):
+        retarget_disks(SAVED_DOMAIN, {"vdz": "/img/x.qcow2"})
