@@ -188,7 +188,7 @@ class Scene:
     def get(self, name: str) -> dict:
         return self.vms.get_namespaced_custom_object(meta.GROUP, meta.VERSION, self.namespace, resources.VMS, name)
 
-    def wait(self, name: str, check: Callable[[dict], bool], what: str, timeout: float = 20) -> dict:
+    def wait(self, name: str, check: Callable[[dict], bool], what: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             vm = self.get(name)
@@ -199,10 +199,10 @@ class Scene:
                                      f"controller log:\n{self.world.controller.tail()}")
             time.sleep(0.1)
 
-    def wait_scheduled(self, name: str, timeout: float = 20) -> dict:
+    def wait_scheduled(self, name: str, timeout: float = 60) -> dict:
         return self.wait(name, lambda vm: not schedule_status.needs_work(vm), "placement", timeout)
 
-    def wait_reason(self, name: str, reason: str, timeout: float = 20) -> dict:
+    def wait_reason(self, name: str, reason: str, timeout: float = 60) -> dict:
         return self.wait(name, lambda vm: (scheduled(vm) or {}).get("reason") == reason, f"reason {reason}", timeout)
 
     def event_reasons(self, name: str) -> list[str]:

@@ -33,6 +33,7 @@ CONFLICT_ATTEMPTS = 3  # re-read and decide again this often when the VM changed
 NODES_REUSE_SECONDS = 1.0  # within a burst, a reading of nodes and leases serves the decisions of this long
 RESEED_SECONDS = 300.0  # a full listing of VMs this often, for deletions the watch may have missed
 EVENT_THREADS = 2
+WORKERS = 8  # placements in flight (each: a read, a decision, a label patch, a status write)
 # Blocking API calls in flight (asyncio's default is cores + 4). With the Events' threads, no more than
 # the client's connection pool keeps (cores * 5, at least 10): a thread beyond it opens a new TLS
 # connection per call, which costs the API server and us more than waiting.
@@ -71,7 +72,9 @@ class Scheduler:
         # (it shows the label without the status we wrote right after: nothing to do).
         self._labelled: dict[str, str] = {}
         self._retries: dict[str, _Retry] = {}
-        self._running: set[asyncio.Task] = set()
+        self._queue: asyncio.Queue[VMKey] | None = None  # VMs waiting for a placement worker
+        self._queued: set[str] = set()
+        self._workers: list[asyncio.Task] = []
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
         self._events = ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="events")
         metrics.track_waiting(lambda: len(self._retries))
@@ -93,11 +96,28 @@ class Scheduler:
             del self._labelled[key.uid]  # our own label patch coming back: its status write followed it
             return
         self._cancel_retry(key.uid)
-        # An unplaced VM as the event shows it: the label patch is conditional on its version, so a
-        # stale one costs only a re-read. A placed one is read afresh: the event may predate our
-        # own status write (the label patch's event arrives after it).
-        placed = (md.get("labels") or {}).get(meta.NODE_LABEL)
-        await self._run(key, None if placed else vm)
+        self._enqueue(key)
+
+    def _enqueue(self, key: VMKey) -> None:
+        """Hand the VM to a placement worker and return: kopf's handler never waits on the API, so a
+        backlog holds VM keys here, not an event body per VM in kopf (worker reads the VM afresh)."""
+        if key.uid in self._again:  # being reconciled: once more after that
+            self._again[key.uid] = True
+            return
+        if key.uid in self._queued:
+            return
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._workers = [asyncio.create_task(self._work(), name=f"placement-worker-{i}")
+                             for i in range(WORKERS)]
+        self._queued.add(key.uid)
+        self._queue.put_nowait(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key.uid)
+            await self._run(key)
 
     def _track(self, event_type: str | None, vm: Mapping) -> None:
         now = time.monotonic()
@@ -112,7 +132,7 @@ class Scheduler:
     def close(self) -> None:
         for uid in list(self._retries):
             self._cancel_retry(uid)
-        for task in self._running:
+        for task in self._workers:
             task.cancel()
         self._events.shutdown(wait=False)
 
@@ -201,8 +221,11 @@ class Scheduler:
 
     def _post_event(self, vm: Mapping, reason: str, message: str, warning: bool = False) -> None:
         """In the background, on threads of their own: an Event never delays a status write."""
-        asyncio.get_running_loop().run_in_executor(
-            self._events, functools.partial(events.post, vm, reason, message, warning=warning,
+        md = vm["metadata"]
+        about = {"apiVersion": vm.get("apiVersion", meta.API_VERSION), "kind": vm.get("kind", "VirtualMachine"),
+                 "metadata": {k: md.get(k) for k in ("name", "namespace", "uid", "resourceVersion")}}
+        asyncio.get_running_loop().run_in_executor(  # with only what the Event names, not the whole body
+            self._events, functools.partial(events.post, about, reason, message, warning=warning,
                                             component=meta.CONTROLLER_MANAGER))
 
     # -- status and Events
@@ -260,9 +283,7 @@ class Scheduler:
 
     def _fire(self, key: VMKey) -> None:
         self._retries.pop(key.uid, None)
-        task = asyncio.create_task(self._run(key), name=f"place {key.namespace}/{key.name}")
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._enqueue(key)
 
     def _cancel_retry(self, uid: str) -> None:
         retry = self._retries.pop(uid, None)
