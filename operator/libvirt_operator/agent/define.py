@@ -29,6 +29,27 @@ class Defined:
     verb: str | None  # "Defined" / "Redefined" when this pass wrote it
 
 
+class RenderCache:
+    """Rendered XML by what it depends on: a pass that finds the same spec parses, not renders
+    (rendering and its canonical-XML hash are the costly part of a pass)."""
+
+    def __init__(self, size: int = 4096):
+        self._size = size
+        self._xml: dict[tuple, str] = {}
+
+    def render(self, obj: dict, spec: VirtualMachineSpec, *, domain_type: str, console_log: str,
+               without: frozenset[str] = frozenset()) -> DomainConfig:
+        md = obj["metadata"]
+        key = (md["uid"], md.get("generation", 1), domain_type, console_log, without)
+        text = self._xml.get(key)
+        if text is None:
+            text = render(obj, spec, domain_type=domain_type, console_log=console_log).to_xml()
+            if len(self._xml) >= self._size:
+                self._xml.pop(next(iter(self._xml)))
+            self._xml[key] = text
+        return DomainConfig.from_xml(text)
+
+
 def render(obj: dict, spec: VirtualMachineSpec, *, domain_type: str, console_log: str) -> DomainConfig:
     """The domain for this object's spec (RenderError on a spec no domain can express)."""
     md = obj["metadata"]

@@ -19,6 +19,7 @@ from libvirt_operator.api import meta
 from libvirt_operator.hypervisor import tuning
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.host import Host
+from libvirt_operator.kube import client as kube_client
 from libvirt_operator.kube import events
 from libvirt_operator.metrics import agent as metrics
 
@@ -39,7 +40,7 @@ class Agent:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="blocking"))
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=kube_client.POOL_SIZE, thread_name_prefix="blocking"))
         self.host.subscribe(self._on_libvirt_event)
         await self.host.connect()
         info = await self.host.info()
@@ -132,6 +133,7 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
         settings.persistence.finalizer = f"{meta.AGENT_PREFIX}/kopf"
         settings.peering.standalone = True
         settings.posting.level = logging.WARNING
+        settings.batching.batch_window = 0.01  # kopf's 0.1 s default delays every reaction to a change
         await agent.start()
 
     @kopf.on.cleanup(registry=registry)

@@ -53,6 +53,7 @@ async def _shutdown(obj: dict, spec: VirtualMachineSpec, guest: Guest, event) ->
     except HypervisorError as exc:
         if exc.reason == "ConnectionLost":
             raise
+        record["lastError"] = f"{exc.reason}: {exc.message}"
         log.warning("%s/%s: %s shutdown failed: %s", obj["metadata"]["namespace"], obj["metadata"]["name"],
                     spec.shutdown.mode, exc.message)
         return exc

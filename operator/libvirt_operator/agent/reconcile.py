@@ -44,6 +44,7 @@ class Reconciler:
         self.caps = HostCaps(cpus=1)  # likewise
         self.live = LiveUpdater()
         self.qos = QosApplier(store)
+        self.renders = define.RenderCache()
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
 
@@ -108,8 +109,9 @@ class Reconciler:
         unavailable = checks.host_devices(spec)
         runnable = checks.without(spec, set(unavailable))
         try:
-            wanted = define.render(obj, runnable, domain_type=self._domain_type(spec),
-                                   console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"))
+            wanted = self.renders.render(obj, runnable, domain_type=self._domain_type(spec),
+                                         console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"),
+                                         without=frozenset(unavailable))
         except RenderError as exc:
             await self._failed(obj, "InvalidSpec", str(exc), guest)
             return None

@@ -43,6 +43,9 @@ def for_pass(obj: dict, spec: VirtualMachineSpec, guest: Guest, after: power.Dec
     p, result = live.plan, live.result or Outcome()
     drift = live.running and live.matched_generation == gen
     restart = p.restart if live.running else []
+    if refused is None and stopping and (st.get("shutdown") or {}).get("lastError"):
+        reason, _, text = st["shutdown"]["lastError"].partition(": ")
+        refused = HypervisorError(reason, text)  # refused when last sent: still true until sent again
     failure = _failure(after, refused, result, p)
     extra = []
     if restart:

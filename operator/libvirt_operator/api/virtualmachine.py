@@ -248,6 +248,8 @@ class ShutdownProgress(ApiModel):
     requested_at: str
     last_sent_at: str | None = Field(None, description="When the request was last (re)sent to the guest.")
     attempts: int | None = Field(None, description="How often the request was sent.")
+    last_error: str | None = Field(None, description="Why libvirt refused the last request (it is sent again "
+                                   "until the timeout).")
 
 
 class DiskStatus(ApiModel):

@@ -7,6 +7,8 @@ import os
 
 from kubernetes import client, config
 
+POOL_SIZE = 48
+
 
 @functools.cache
 def api_client() -> client.ApiClient:
@@ -15,7 +17,11 @@ def api_client() -> client.ApiClient:
     else:
         # Read KUBECONFIG now: the client library's default was fixed when it was imported.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    cfg = client.Configuration.get_default_copy()
+    # One pooled HTTPS connection per blocking thread: beyond the pool, every call would open
+    # (and TLS-handshake) a connection of its own.
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, POOL_SIZE)
+    return client.ApiClient(cfg)
 
 
 def custom_objects() -> client.CustomObjectsApi:
