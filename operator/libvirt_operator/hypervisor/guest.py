@@ -19,6 +19,7 @@ from libvirt_operator.domain.metadata import PREFIX as METADATA_KEY
 from libvirt_operator.hypervisor import readxml
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.readxml import DiskSource
+from libvirt_operator.hypervisor.snapshots import SnapshotMixin
 from libvirt_operator.hypervisor.states import PowerState, power_state
 from libvirt_operator.hypervisor.tuning import TuningMixin
 
@@ -79,7 +80,7 @@ class ExecResult:
     stderr: str
 
 
-class Guest(TuningMixin):
+class Guest(TuningMixin, SnapshotMixin):
     """A domain on a Host. It survives reconnects: after one, the next call looks the
     domain up again by UUID on the new connection."""
 
