@@ -627,6 +627,23 @@ def test_s8_commit_active_with_pivot_and_an_intermediate_commit(qvm, storage_dir
     fact("pivot_without_job", f"{caught.value.reason}: {caught.value.message}")
 
 
+def test_block_copy_to_a_new_file_and_pivot(qvm, storage_dir, roots):
+    vm = qvm
+    before = vm.chains()["vda"]
+    dest = f"{storage_dir / vm.guest.name}-root.copy.qcow2"
+    vm.write_disk(ROOT_SECTORS, "ROOT-COPY")
+    dest_xml = f"<disk type='file'><driver type='qcow2'/><source file='{dest}'/></disk>"
+    with Timer("block_copy_pivot"):
+        run(vm.guest.block_copy("vda", dest_xml, transient_job=True))
+        run(vm.guest.wait_block_job("vda", "ready"))
+        assert run(vm.guest.block_job_info("vda")).type == "copy"
+        run(vm.guest.block_job_pivot("vda"))
+    after = vm.chains()["vda"]
+    assert after.active.path == dest and after.backing == ()
+    assert qemu_img_chain(dest) == [dest] and before.active.path not in after
+    assert vm.read_disk(ROOT_SECTORS) == "ROOT-COPY"
+
+
 def test_overlay_refusals_and_reuse_ext(qvm, storage_dir, roots):
     """What 9.0 does with an existing overlay file, with and without REUSE_EXT."""
     vm = qvm
@@ -668,3 +685,24 @@ def test_overlay_refusals_and_reuse_ext(qvm, storage_dir, roots):
                                               "guest_reads": vm.read_disk(DATA_SECTORS)})
     except HypervisorError as err:
         fact("reuse_ext_with_wrong_backing", f"refused: {err.reason}: {err.message}")
+
+
+def test_memory_snapshot_without_live_pauses_for_the_snapshot(qvm, storage_dir, roots):
+    vm = qvm
+    prefix = storage_dir / vm.guest.name
+    before = vm.chains()
+    overlays = {t: f"{prefix}-{t}.s9.qcow2" for t in before}
+    vm.mark("m9")
+    with Timer("memory_snapshot_not_live"), StateWatch(vm.uri, vm.uuid) as watch:
+        run(vm.guest.snapshot_external(overlays, f"{prefix}.s9.mem", live=False))
+    fact("states.during_non_live_memory_snapshot", watch.seen)
+    fact("states.after_non_live_memory_snapshot", vm.state())
+    assert vm.state().startswith("running/")
+    assert "m9" in vm.markers()
+    assert {t: c for t, c in vm.chains().items()} == {t: before[t].with_leaf(p) for t, p in overlays.items()}
+    xml = ET.fromstring(run(vm.guest.save_image_xml(f"{prefix}.s9.mem")))
+    saved = {d.find("target").get("dev"): d.find("source").get("file") for d in xml.iterfind("./devices/disk")}
+    assert saved == {t: c.active.path for t, c in before.items()}, "the memory image names the pre-snapshot files"
+    # a header naming another backing file (accepted above with REUSE_EXT) is what a restart would read
+    run(vm.guest.destroy())
+    fact("reuse_ext_wrong_backing_header_after_stop", qemu_img_chain(before["vdb"].active.path))

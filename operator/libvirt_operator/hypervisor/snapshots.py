@@ -87,13 +87,15 @@ class SnapshotMixin:
     # -- external snapshots ----------------------------------------------------------------------
 
     async def snapshot_external(self, disks: Mapping[str, str], memory_path: str | None = None, *,
-                                reuse: bool = False, quiesce: bool = False) -> str:
+                                reuse: bool = False, quiesce: bool = False, live: bool = True) -> str:
         """An external snapshot without libvirt metadata: each disk in `disks` ({target: overlay file})
         continues on its overlay (a new qcow2 leaf whose backing file is the disk's current file);
         every other disk is left out (snapshot='no'). With `memory_path` the memory goes there and a
         running domain keeps running (LIVE); without, the snapshot is disk-only (crash-consistent
         unless `quiesce`, which needs the guest agent). `reuse`: the overlays exist already
-        (pre-created with the right backing file). Returns the snapshot XML sent."""
+        (pre-created with the right backing file: QEMU takes the current file as backing whatever the
+        overlay's header says, so verify it first: storage.images.verify_overlay). live=False pauses a
+        running domain while its memory is saved (paused, reason snapshot). Returns the snapshot XML sent."""
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT if reuse else 0
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE if quiesce else 0
@@ -102,7 +104,7 @@ class SnapshotMixin:
             others = [s.target for s in readxml.disk_sources(d.XMLDesc(0)) if s.target not in disks]
             snapshot_xml = external_snapshot(disks, memory_path, skip=others).to_xml()
             extra = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY if memory_path is None else 0
-            if memory_path is not None and d.isActive():
+            if memory_path is not None and live and d.isActive():
                 extra |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
             d.snapshotCreateXML(snapshot_xml, flags | extra)
             return snapshot_xml
