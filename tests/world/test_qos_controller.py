@@ -50,7 +50,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.CustomObjec
         client.CoreV1Api(api_client).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
         controller.start()
-        yield client.CustomObjectsApi(api_client)
+        custom = client.CustomObjectsApi(api_client)
+        custom.controller = controller  # restarted by a test
+        yield custom
     finally:
         controller.stop()
         if controller.log.exists():
@@ -178,6 +180,53 @@ def test_policies_added_edited_outprioritised_tied_and_deleted(api):
     assert q["valid"]
     q2 = ns.wait_qos("web-2", lambda q: "cpu" not in q, "without policy values")
     assert q2["memory"]["softLimit"]["source"] == "spec"
+
+
+def idle(status: dict) -> bool:
+    return status.get("phase") == "Idle"
+
+
+def assert_idle(st: dict) -> None:
+    assert st["matchedVms"] == 0 and st["conflicts"] == [] and cond(st, "Matched") == ("False", "NoMatchingVMs")
+
+
+def test_a_policy_whose_selector_matches_nothing_is_idle(api):
+    # in a namespace without any VM
+    empty = Ns(api)
+    empty.policy("lonely", {"selector": {"matchLabels": {"app": "none"}}, "cpu": {"shares": 3}})
+    assert_idle(empty.wait_policy("lonely", idle, "idle"))
+
+    # beside VMs it does not select (one with spec.qos of its own)
+    ns = Ns(api)
+    ns.vm("a", {"app": "a"}, qos={"cpu": {"shares": 700}})
+    ns.vm("b", {"app": "b"})
+    ns.policy("other", {"selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["z"]}]},
+                        "memory": {"softLimit": "64Mi"}})
+    assert_idle(ns.wait_policy("other", idle, "idle"))
+
+    # selecting a VM, then edited to select nothing: Idle, and its values leave the VM
+    ns.policy("was", {"selector": {"matchLabels": {"app": "b"}}, "cpu": {"shares": 900}})
+    ns.wait_qos("b", lambda q: shares(q) == (900, "policy/was"), "given was's shares")
+    assert ns.wait_policy("was", lambda s: s.get("matchedVms") == 1, "matching b")["phase"] == "Active"
+    ns.patch(resources.QOS_POLICIES, "was", {"spec": {"selector": {"matchLabels": {"app": "gone"}}}})
+    assert_idle(ns.wait_policy("was", lambda s: idle(s) and s.get("observedGeneration") == 2, "idle"))
+    ns.wait_qos("b", lambda q: q.get("policies") == [] and "cpu" not in q, "without was's values")
+
+    # selected again through the VM's labels, then the VM leaves it
+    ns.patch(resources.VMS, "a", {"metadata": {"labels": {"app": "gone"}}})
+    assert ns.wait_policy("was", lambda s: s.get("matchedVms") == 1, "matching a")["phase"] == "Active"
+    assert shares(ns.get(resources.VMS, "a")["status"]["qos"]) == (700, "spec")  # the VM's own spec wins
+    ns.patch(resources.VMS, "a", {"metadata": {"labels": {"app": "a"}}})
+    assert_idle(ns.wait_policy("was", idle, "idle again"))
+
+    # created while the controller is down, in a namespace without VMs: idle once it is back
+    api.controller.stop()
+    try:
+        later = Ns(api)
+        later.policy("later", {"selector": {"matchLabels": {"app": "none"}}, "cpu": {"shares": 5}})
+    finally:
+        api.controller.start()
+    assert_idle(later.wait_policy("later", idle, "idle after the controller's restart"))
 
 
 def test_contradictions_are_invalid_with_a_reason(api):

@@ -96,10 +96,13 @@ class QosController:
                 self._written_policy.pop((ns, name), None)
             else:
                 known = self._policy_bodies.get((ns, name))
+                # Skipped only once this generation's report was written (e.g. our own status write coming
+                # back). A policy first seen by seed() still needs its report: in a namespace without VMs
+                # no VM event would ever write it (it stayed without status, not Idle).
                 same_spec = known is not None and name in self._policies.get(ns, {}) and \
-                    known.get("generation") == md.get("generation")
+                    known.get("generation") == md.get("generation") and (ns, name) in self._written_policy
                 self._store_policy(body)
-                if same_spec:  # e.g. our own status write: nothing to resolve again
+                if same_spec:
                     return
             await self._sync(ns)
 
