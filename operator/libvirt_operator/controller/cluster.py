@@ -69,7 +69,20 @@ def node_of(node: client.V1Node) -> Node:
         allocatable_bytes=allocatable,
         libvirt=labels.get(meta.LIBVIRT_NODE_LABEL) == "true",
         cordoned=bool(node.spec and node.spec.unschedulable),
+        cpu_percent=cpu_percent(node),
     )
+
+
+def cpu_percent(node: client.V1Node) -> int | None:
+    """The node's CPUs x 100 (allocatable, else capacity; "2" or "1500m"), None when it says neither."""
+    status = node.status
+    for amounts in ((status and status.allocatable) or {}, (status and status.capacity) or {}):
+        value = str(amounts.get("cpu") or "")
+        try:
+            return int(value[:-1]) // 10 if value.endswith("m") else round(float(value) * 100)
+        except ValueError:
+            continue
+    return None
 
 
 def _get_node(name: str) -> Node | None:

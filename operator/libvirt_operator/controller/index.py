@@ -129,4 +129,5 @@ class VMIndex:
 
 
 def _with_node(ref: VMRef, node: str) -> VMRef:
-    return VMRef(ref.uid, ref.name, ref.memory_bytes, ref.disks, ref.pinned_node, node, ref.macs, ref.created)
+    return VMRef(ref.uid, ref.name, ref.memory_bytes, ref.disks, ref.pinned_node, node, ref.macs, ref.created,
+                 ref.cpu_reserved)

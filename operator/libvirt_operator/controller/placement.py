@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from libvirt_operator.api import meta, quantity
+from libvirt_operator.controller.qos import reserved_cpu_percent
 
 # Condition reasons of `Scheduled` (also the Event reasons' vocabulary).
 SCHEDULED = "Scheduled"
@@ -15,6 +16,7 @@ NO_NODE_AVAILABLE = "NoNodeAvailable"
 INSUFFICIENT_MEMORY = "InsufficientMemory"
 DISK_CONFLICT = "DiskConflict"
 MAC_IN_USE = "MacAddressInUse"
+INSUFFICIENT_CPU = "InsufficientCPU"
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Node:
     allocatable_bytes: int
     libvirt: bool = True  # labelled LIBVIRT_NODE_LABEL=true
     cordoned: bool = False  # spec.unschedulable (kubectl cordon)
+    cpu_percent: int | None = None  # CPUs x 100 (allocatable, else capacity) for QoS reservations; None: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,7 @@ class VMRef:
     node: str | None = None  # the placement label, None while unplaced
     macs: tuple[str, ...] = ()  # the MACs its spec sets (generated ones are unique per domain)
     created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC: sorts as text)
+    cpu_reserved: int = 0  # QoS reservation in percent of one host CPU (Q12)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,31 @@ def vm_ref(vm: Mapping) -> VMRef:
         node=(md.get("labels") or {}).get(meta.NODE_LABEL) or None,
         macs=tuple(i["mac"].lower() for i in spec.get("interfaces") or [] if i.get("mac")),
         created=md.get("creationTimestamp") or "",
+        cpu_reserved=reserved_cpu(vm),
     )
+
+
+def reserved_cpu(vm: Mapping) -> int:
+    """The CPU a VM reserves (Q12, percent of one host CPU): its resolved status.qos, else (not resolved
+    yet, e.g. just created) its own spec.qos, which resolution puts first anyway. A VM whose QoS resolved
+    invalid reserves nothing (the agent applies none of it)."""
+    status_qos = (vm.get("status") or {}).get("qos")
+    if status_qos:
+        return reserved_cpu_percent(status_qos)
+    value = ((((vm.get("spec") or {}).get("qos") or {}).get("cpu") or {}).get("reservationPercent"))
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def cpu_shortage(vm: VMRef, node: Node, view: View) -> str | None:
+    """A message if the reservations of the VMs on `node` leave too little CPU for `vm`'s reservation."""
+    if not vm.cpu_reserved or node.cpu_percent is None:
+        return None
+    held = [o.cpu_reserved for o in view.on(node.name) if o.uid != vm.uid]
+    room = node.cpu_percent - sum(held)
+    if room >= vm.cpu_reserved:
+        return None
+    return (f"node {node.name} has {node.cpu_percent}% CPU, {sum(held)}% reserved by {len(held)} VM(s); "
+            f"the VM reserves {vm.cpu_reserved}%")
 
 
 def reserved_memory(memory: Mapping) -> int:
@@ -200,6 +228,9 @@ def _check_pinned(vm: VMRef, node: Node | None, view: View) -> Decision:
         return Decision(None, INSUFFICIENT_MEMORY,
                         f"node {node.name} has {human_bytes(node.allocatable_bytes)} allocatable memory, "
                         f"the VM needs {human_bytes(need)}")
+    short = cpu_shortage(vm, node, view)
+    if short:
+        return Decision(None, INSUFFICIENT_CPU, short)
     conflict = disk_conflict(vm, node.name, view.on(node.name))
     if conflict:
         return Decision(None, DISK_CONFLICT, conflict)
@@ -216,6 +247,11 @@ def _choose(vm: VMRef, nodes: list[Node], alive: set[str], view: View) -> Decisi
     roomy = [n for n in live if free[n.name] >= need]
     if not roomy:
         return Decision(None, INSUFFICIENT_MEMORY, _why_no_room(need, live, free))
+    if vm.cpu_reserved:
+        shortages = {n.name: cpu_shortage(vm, n, view) for n in roomy}
+        if all(shortages.values()):
+            return Decision(None, INSUFFICIENT_CPU, "; ".join(shortages[n.name] for n in roomy[:5]))
+        roomy = [n for n in roomy if not shortages[n.name]]
     conflicts = {n.name: disk_conflict(vm, n.name, view.on(n.name)) for n in roomy}
     fitting = [n for n in roomy if not conflicts[n.name]]
     if not fitting:

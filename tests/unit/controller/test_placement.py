@@ -181,3 +181,82 @@ def test_vm_ref_reads_macs_and_creation_time():
                {"name": "a", "type": "user", "mac": "52:54:00:aa:bb:cc"}, {"name": "b", "type": "user"}]}}
     ref = p.vm_ref(obj)
     assert (ref.macs, ref.created) == (("52:54:00:aa:bb:cc",), "2026-01-01T00:00:00Z")
+
+
+# -- Q12: CPU reservations (percent of one host CPU) never over-reserve a node
+
+
+def cpu_vm(uid="new", reserved=0, node=None, pinned=None):
+    return VMRef(uid=uid, name=f"ns/{uid}", memory_bytes=GI, node=node, pinned_node=pinned, cpu_reserved=reserved)
+
+
+def test_a_reservation_goes_where_the_reservations_leave_room():
+    nodes = [Node("a", 16 * GI, cpu_percent=200), Node("b", 8 * GI, cpu_percent=200)]
+    placed = [cpu_vm("x", 150, node="a")]  # a: most memory free, but only 50 % CPU left
+    d = p.decide(cpu_vm(reserved=60), nodes, {"a", "b"}, placed)
+    assert (d.node, d.reason) == ("b", p.SCHEDULED)
+    assert p.decide(cpu_vm(reserved=50), nodes, {"a", "b"}, placed).node == "a"  # exactly the room left
+
+
+def test_no_node_with_room_for_the_reservation_is_insufficient_cpu():
+    nodes = [Node("a", 16 * GI, cpu_percent=200), Node("b", 8 * GI, cpu_percent=100)]
+    placed = [cpu_vm("x", 150, node="a"), cpu_vm("y", 30, node="b"), cpu_vm("z", 30, node="b")]
+    d = p.decide(cpu_vm(reserved=60), nodes, {"a", "b"}, placed)
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_CPU)
+    assert "node a has 200% CPU, 150% reserved by 1 VM(s); the VM reserves 60%" in d.message
+    assert "node b has 100% CPU, 60% reserved by 2 VM(s)" in d.message
+
+
+def test_a_pinned_vm_whose_reservation_does_not_fit_is_insufficient_cpu():
+    nodes = [Node("a", 16 * GI, cpu_percent=100)]
+    placed = [cpu_vm("x", 80, node="a")]
+    d = p.decide(cpu_vm(reserved=30, pinned="a"), nodes, {"a"}, placed)
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_CPU)
+    assert p.decide(cpu_vm(reserved=20, pinned="a"), nodes, {"a"}, placed).node == "a"
+
+
+def test_without_a_reservation_or_a_known_cpu_count_cpu_does_not_count():
+    full = [cpu_vm("x", 200, node="a")]
+    assert p.decide(cpu_vm(), [Node("a", 16 * GI, cpu_percent=200)], {"a"}, full).node == "a"
+    assert p.decide(cpu_vm(reserved=50), [Node("a", 16 * GI)], {"a"}, full).node == "a"
+
+
+def test_a_placed_vm_does_not_count_against_itself():
+    nodes = [Node("a", 16 * GI, cpu_percent=100)]
+    me = cpu_vm("me", 80, node="a", pinned="a")
+    assert p.decide_in(me, nodes, {"a"}, p.ListView([me])).node == "a"
+
+
+def test_the_reservation_comes_from_status_qos_else_the_own_spec():
+    def body(spec_qos=None, status_qos=None):
+        return {"metadata": {"uid": "u", "namespace": "ns", "name": "v"},
+                "spec": {"memory": {"size": "1Gi"}, **({"qos": spec_qos} if spec_qos else {})},
+                "status": {"qos": status_qos} if status_qos else {}}
+
+    resolved = {"valid": True, "cpu": {"reservationPercent": {"value": 70, "source": "policy/gold"}}}
+    assert p.vm_ref(body(status_qos=resolved)).cpu_reserved == 70
+    assert p.vm_ref(body({"cpu": {"reservationPercent": 40}})).cpu_reserved == 40  # not resolved yet
+    assert p.vm_ref(body({"cpu": {"reservationPercent": 40}}, {"valid": False, "reason": "ExceedsVM"})).cpu_reserved \
+        == 0  # invalid: the agent applies none of it
+    assert p.vm_ref(body()).cpu_reserved == 0
+
+
+def test_q7_placement_reserves_the_memory_ceiling():
+    d = p.decide(VMRef("new", "ns/new", p.reserved_memory({"size": "1Gi", "maxSize": "6Gi"})),
+                 [Node("a", 4 * GI)], {"a"}, [])
+    assert (d.node, d.reason) == (None, p.INSUFFICIENT_MEMORY) and "needs 6Gi" in d.message
+
+
+def test_the_node_cpu_count_is_allocatable_else_capacity():
+    from kubernetes import client
+
+    from libvirt_operator.controller.cluster import cpu_percent
+
+    def node(allocatable=None, capacity=None):
+        return client.V1Node(metadata=client.V1ObjectMeta(name="n"),
+                             status=client.V1NodeStatus(allocatable=allocatable, capacity=capacity))
+
+    assert cpu_percent(node({"cpu": "2"}, {"cpu": "4"})) == 200
+    assert cpu_percent(node({"cpu": "1500m"})) == 150
+    assert cpu_percent(node(None, {"cpu": "8"})) == 800
+    assert cpu_percent(node({"memory": "1Gi"})) is None
