@@ -34,6 +34,12 @@ VMS = "virtualmachines"
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def sample_text(addon: AddonWorld) -> str:
+    """examples/vm-demo.yaml for this world: its storage root and the guest's kernel file."""
+    text = SAMPLE.read_text().replace("@STORAGE@", str(addon.dir / "storage"))
+    return text.replace("/images/vmlinuz", f"/images/{addon.image.kernel.name}")
+
+
 def vms_api(api: client.ApiClient) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api)
 
@@ -117,7 +123,7 @@ def live_agents(addon: AddonWorld) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo_vm(addon: AddonWorld, live_agents) -> dict:
     """The README's sample VM, applied by kubectl as a user would, taken to Running by the chart's identities."""
-    manifest = SAMPLE.read_text().replace("@STORAGE@", str(addon.dir / "storage"))
+    manifest = sample_text(addon)
     manifest = manifest.replace('"console=ttyS0 quiet loglevel=0"', json.dumps(addon.image.cmdline))
     began = time.monotonic()
     addon.kubectl("apply", "-f", "-", input=manifest)
@@ -129,7 +135,7 @@ def demo_vm(addon: AddonWorld, live_agents) -> dict:
 @pytest.fixture(scope="module")
 def pinned_vms(addon: AddonWorld, live_agents) -> dict[str, dict]:
     """A stopped VM pinned to each node (placed there, taken over by that node's agent)."""
-    base = yaml.safe_load(SAMPLE.read_text().replace("@STORAGE@", str(addon.dir / "storage")))
+    base = yaml.safe_load(sample_text(addon))
     names = {}
     for node in ("node-a", "node-b"):
         body = json.loads(json.dumps(base))
