@@ -74,6 +74,7 @@ class Scheduler:
         self._retries: dict[str, _Retry] = {}
         self._queue: asyncio.Queue[VMKey] | None = None  # VMs waiting for a placement worker
         self._queued: set[str] = set()
+        self._latest: dict[str, dict] = {}  # uid -> the newest event's VM (slim), while queued
         self._workers: list[asyncio.Task] = []
         self._again: dict[str, bool] = {}  # uid -> another attempt wanted, for VMs being reconciled
         self._events = ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="events")
@@ -87,6 +88,7 @@ class Scheduler:
         self._track(event_type, vm)
         if event_type == "DELETED" or not schedule_status.needs_work(vm):
             self._labelled.pop(key.uid, None)
+            self._latest.pop(key.uid, None)
             self._cancel_retry(key.uid)
             return
         retry = self._retries.get(key.uid)
@@ -96,6 +98,11 @@ class Scheduler:
             del self._labelled[key.uid]  # our own label patch coming back: its status write followed it
             return
         self._cancel_retry(key.uid)
+        if not (md.get("labels") or {}).get(meta.NODE_LABEL):
+            # An unplaced VM as the event shows it, slimmed: the label patch is conditional on its
+            # resourceVersion, so a stale one costs only a re-read. A placed one is read afresh
+            # (its event may predate our own status write).
+            self._latest[key.uid] = slim(vm)
         self._enqueue(key)
 
     def _enqueue(self, key: VMKey) -> None:
@@ -117,7 +124,7 @@ class Scheduler:
         while True:
             key = await self._queue.get()
             self._queued.discard(key.uid)
-            await self._run(key)
+            await self._run(key, self._latest.pop(key.uid, None))
 
     def _track(self, event_type: str | None, vm: Mapping) -> None:
         now = time.monotonic()
@@ -289,6 +296,24 @@ class Scheduler:
         retry = self._retries.pop(uid, None)
         if retry is not None:
             retry.handle.cancel()
+
+
+def slim(vm: Mapping) -> dict:
+    """What placement and the controller's status need of a VM (a backlog of thousands stays small):
+    identity and version, labels, spec's placement fields, status' conditions, and only the
+    managedFields entries that own status.phase."""
+    md, spec, status = vm.get("metadata") or {}, vm.get("spec") or {}, vm.get("status") or {}
+    keep_md = ("name", "namespace", "uid", "resourceVersion", "generation", "labels", "creationTimestamp",
+               "deletionTimestamp")
+    owners = [{"manager": e.get("manager"), "fieldsV1": {"f:status": {"f:phase": {}}}}
+              for e in md.get("managedFields") or []
+              if "f:phase" in ((e.get("fieldsV1") or {}).get("f:status") or {})]
+    return {
+        "apiVersion": vm.get("apiVersion", meta.API_VERSION), "kind": vm.get("kind", "VirtualMachine"),
+        "metadata": {**{k: md[k] for k in keep_md if k in md}, "managedFields": owners},
+        "spec": {k: spec[k] for k in ("memory", "disks", "interfaces", "nodeName") if k in spec},
+        "status": {k: status[k] for k in ("conditions", "nodeName", "phase") if k in status},
+    }
 
 
 async def apply_status(vm: Mapping, build: Callable[[bool], dict]) -> None:

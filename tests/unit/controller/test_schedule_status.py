@@ -65,3 +65,22 @@ def test_condition_changed():
     assert s.condition_changed(vm(), d)
     assert not s.condition_changed(vm(status={"conditions": [{**scheduled_cond("False"), "reason": d.reason}]}), d)
     assert s.condition_changed(vm(status={"conditions": [scheduled_cond("False")]}), d)
+
+
+def test_a_slim_vm_decides_and_reports_as_the_full_one():
+    from libvirt_operator.controller import placement
+    from libvirt_operator.controller.vm_scheduling import slim
+
+    full = vm(status={"conditions": [scheduled_cond("False")], "phase": "Pending", "qos": {"x": 1}},
+              managed=[managed(meta.CONTROLLER_MANAGER, ["f:conditions"]), managed(meta.AGENT_MANAGER, ["f:phase"])])
+    full["metadata"].update(uid="u1", resourceVersion="7", creationTimestamp="2026-01-01T00:00:00Z")
+    full["spec"] = {"memory": {"size": "1Gi", "maxSize": "2Gi"}, "nodeName": "n1", "boot": {"kernel": {}},
+                    "disks": [{"name": "d", "path": "/i/d.qcow2"}],
+                    "interfaces": [{"name": "a", "type": "user", "mac": "52:54:00:00:00:01"}]}
+    small = slim(full)
+    assert placement.vm_ref(small) == placement.vm_ref(full)
+    assert s.needs_work(small) == s.needs_work(full)
+    assert s.phase_owned_by_others(small) and s.phase_owned_by_others(full)
+    assert s.find_condition(small) == s.find_condition(full)
+    assert small["metadata"]["resourceVersion"] == "7" and "qos" not in small["status"]
+    assert s.scheduled(small, "n1", "m", False) == s.scheduled(full, "n1", "m", False)
