@@ -26,7 +26,7 @@ from libvirt_operator.cli.plan import VERBS, VM_PLURAL, Plan, Refused, Verb
 from libvirt_operator.cli.vmread import generation
 from libvirt_operator.cli.wait import wait
 
-GROUPS = ("info", "power", "resources", "devices")  # the help lists the verbs in this order
+GROUPS = ("info", "power", "resources", "devices", "qos")  # the help lists the verbs in this order
 
 
 def _verbs_in_order() -> list[Verb]:
