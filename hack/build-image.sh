@@ -94,4 +94,12 @@ else
     mv "$out/pause.tar.tmp" "$out/pause.tar"
   fi
 fi
+# Every code change makes a new key: keep the two newest sets of archives and images, drop older ones.
+for old in $(ls -1dt "$IMAGES"/*/ 2>/dev/null | tail -n +3); do
+  old_key=$(basename "$old")
+  [[ $old_key == "$key" ]] && continue
+  rm -rf "$old"
+  podman images --format '{{.Repository}}:{{.Tag}}' | grep -F ":$old_key" | xargs -r podman rmi -f >/dev/null 2>&1 || true
+done
+podman image prune -f >/dev/null 2>&1 || true  # the dangling layers of replaced builds
 echo "$key $out"
