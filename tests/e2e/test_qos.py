@@ -157,3 +157,21 @@ def test_bad_policies_get_specific_reasons(vms, cluster, vm_name, policies):
     assert winner == {"value": 300, "source": f"policy/{vm_name}-p"}  # equal priority: the name sorting first
     loser = policies.get(f"{vm_name}-q")
     assert loser["status"]["phase"] == "Degraded"
+
+
+def test_q6_a_guest_beyond_its_hard_limit_is_reported_not_restarted(vms, cluster, vm_name):
+    vm, dom, _pid = boot(vms, cluster, vm_name, memory={"size": "512Mi"}, restartPolicy="OnFailure")
+    rss_kib = dom.memoryStats()["rss"]
+    limit = f"{rss_kib // 1024 + 30}Mi"
+    patch(vms, vm_name, {"qos": {"memory": {"hardLimit": limit}}})
+    vms.wait(vm_name, lambda v: condition(v, "QosApplied").get("status") == "True"
+             and (v["status"].get("qosApplied") or {}).get("memory", {}).get("hardLimitKib"), "the limit applied")
+    assert dom.memoryParameters(LIVE)["hard_limit"] == (rss_kib // 1024 + 30) * 1024
+    with contextlib.suppress(Exception):  # the guest may die before it answers
+        guest_run(dom, "dd if=/dev/zero of=/tmp/fill bs=1M count=220 2>/dev/null; echo done", timeout=5)
+    vm = vms.wait(vm_name, lambda v: condition(v, "Ready").get("reason") == "MemoryLimitExceeded",
+                  "MemoryLimitExceeded", 120)
+    assert vm["status"]["phase"] == "Stopped" and "hard limit" in condition(vm, "Ready")["message"]
+    assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
+    assert qemu_pid(vm["metadata"]["uid"]) is None  # not restarted: it would be killed again
+    assert any(e.reason == "MemoryLimitExceeded" for e in vms.events(vm_name))

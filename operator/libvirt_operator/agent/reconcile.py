@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
@@ -24,6 +25,7 @@ from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain.config import DomainConfig
 from libvirt_operator.domain.errors import RenderError
 from libvirt_operator.domain.naming import default_domain_name
+from libvirt_operator.hypervisor import tuning
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
@@ -45,6 +47,8 @@ class Reconciler:
         self.live = LiveUpdater()
         self.qos = QosApplier(store)
         self.renders = define.RenderCache()
+        self._domain_ids: dict[str, int | None] = {}  # the running domain's id (its cgroup's name)
+        self._oom: dict[str, int] = {}  # domain uuid -> generation at which the kernel killed its QEMU
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
 
@@ -138,6 +142,9 @@ class Reconciler:
                 await self.event(obj, "DiskGrown", grown)
         want = self.desired(obj, spec, stopping=restarting is not None and seen.state in power.ACTIVE_STATES)
         decision = power.decide(want, seen, self.history(st))
+        oom = await self._oom_killed(obj, guest, seen)
+        if oom is not None:  # never restarted: it would be killed again
+            decision = oom
         if restarting and seen.state not in power.ACTIVE_STATES:
             decision = power.Decision(power.Action.START_PAUSED if spec.power_state == "Paused" else power.Action.START,
                                       "Starting", False, "Restarting", "started again (restart request)")
@@ -153,6 +160,8 @@ class Reconciler:
         want = self.desired(obj, spec, stopping=still_restarting and seen.state in power.ACTIVE_STATES)
         after = power.reassess(want, seen, decision, self.history(st))
         stopping = seen.state in power.ACTIVE_STATES and (spec.power_state == "Stopped" or still_restarting)
+        if oom is not None:
+            after = replace(after, reason=oom.reason, message=oom.message, halt=oom.halt or after.halt)
         rep = report.for_pass(obj, spec, guest, after, stopping, outcomes, live, unavailable, refused)
         await self.write(obj, rep)
         if after.halt and st.get("haltedGeneration") != obj["metadata"].get("generation", 1):
@@ -168,6 +177,7 @@ class Reconciler:
         sizes = define.wanted_sizes(runnable)
         xml = await guest.xml()
         live = DomainConfig.from_xml(xml)
+        self._domain_ids[guest.uuid] = live.id
         caps = await self._capacities(guest, live, sizes)
         p = plan(defined.wanted, live, defined.stored, caps=self.caps, sizes=sizes, capacities=caps)
         booted = live.operator_metadata.generation if live.operator_metadata else None
@@ -193,6 +203,31 @@ class Reconciler:
         return report.Live(facts_xml=live, running=True, xml=xml, plan=p, result=result, matched_generation=booted,
                            capacities=caps, requeue=2.0 if result and result.waiting else None,
                            qos_condition=qos.condition, qos_applied=qos.applied)
+
+    async def _oom_killed(self, obj: dict, guest: Guest, seen: power.Observed) -> power.Decision | None:
+        """A QEMU the kernel killed for its memory cgroup's limit (QoS hardLimit): a halt with that reason."""
+        gen = obj["metadata"].get("generation", 1)
+        last_id = self._domain_ids.get(guest.uuid)
+        if last_id is None or not (seen.state == "crashed" or seen.reason == "crashed"):
+            return None
+        killed_at = self._oom.get(guest.uuid)
+        if killed_at is None:
+            prefix = f"qemu-{last_id}-"
+            kills = tuning.oom_kills(await asyncio.to_thread(tuning.read_kernel_log))
+            if not any(k.memcg.rsplit("/", 1)[-1].startswith(prefix) for k in kills):
+                return None
+            killed_at = self._oom[guest.uuid] = gen
+        if killed_at != gen:  # the spec changed since: start it again, as after any halt
+            self._oom.pop(guest.uuid, None)
+            self._domain_ids.pop(guest.uuid, None)
+            return None
+        limit = ((obj.get("status") or {}).get("qosApplied") or {}).get("memory", {}).get("hardLimitKib")
+        st = obj.get("status") or {}
+        return power.Decision(
+            power.Action.NONE, "Stopped", False, "MemoryLimitExceeded",
+            "the kernel killed QEMU: the guest used more memory than its hard limit"
+            f"{f' ({limit} KiB)' if limit else ''}; it stays stopped until the spec changes",
+            halt=st.get("haltedGeneration") != gen)
 
     async def _capacities(self, guest: Guest, live: DomainConfig, sizes: dict[str, int]) -> dict[str, int]:
         out = {}

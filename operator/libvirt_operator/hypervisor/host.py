@@ -22,6 +22,7 @@ from libvirt_operator.hypervisor import errors, events
 from libvirt_operator.hypervisor.errors import HypervisorError
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.guest import Guest
+from libvirt_operator.hypervisor.host_snapshots import HostSnapshotMixin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +56,7 @@ class _Link:
         self.lost = False  # set by the close callback, from any thread
 
 
-class Host:
+class Host(HostSnapshotMixin):
     def __init__(self, uri: str, *, keepalive: tuple[int, int] = (5, 3), max_backoff: float = 5.0,
                  workers: int = 8):
         self.uri = uri
