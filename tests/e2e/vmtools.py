@@ -11,6 +11,7 @@ from kubernetes import client
 
 from libvirt_operator.api import meta
 from localenv.cluster import Cluster
+from localenv.guest import guest_sh, qemu_pid  # noqa: F401 (qemu_pid: for the tests)
 
 NS = "default"
 
@@ -126,33 +127,13 @@ def _brief(vm: dict | None) -> str:
 # -- proofs from inside the guest and from the host -------------------------------------------------
 
 def guest_run(dom: libvirt.virDomain, command: str, timeout: float = 30) -> str:
-    """Runs `sh -c command` in the guest through qemu-ga guest-exec; returns its stdout (raises on failure)."""
-    import base64
-    import json
-
-    import libvirt_qemu
-
-    def agent(cmd: str, **args) -> dict:
-        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": cmd, "arguments": args}), 10, 0)
-        return json.loads(reply)["return"]
-
-    pid = agent("guest-exec", path="/bin/sh", arg=["-c", command], **{"capture-output": True})["pid"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = agent("guest-exec-status", pid=pid)
-        if st.get("exited"):
-            out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
-            if st.get("exitcode", 0) != 0:
-                err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
-                raise AssertionError(f"guest command {command!r} exited {st.get('exitcode')}: {err or out}")
-            return out
-        time.sleep(0.1)
-    raise AssertionError(f"guest command {command!r} did not finish within {timeout}s")
+    """stdout of `sh -c command` in the guest (qemu-ga guest-exec); AssertionError when it fails."""
+    return guest_sh(dom, command, timeout)
 
 
 def wait_guest(dom: libvirt.virDomain, command: str, check: Callable[[str], bool], what: str,
                timeout: float = 60) -> str:
-    """Runs `command` in the guest until `check(stdout)` holds."""
+    """Runs `command` in the guest until `check(stdout)` holds (a failing run counts as not yet)."""
     deadline = time.monotonic() + timeout
     out = ""
     while time.monotonic() < deadline:
@@ -164,19 +145,3 @@ def wait_guest(dom: libvirt.virDomain, command: str, check: Callable[[str], bool
             return out
         time.sleep(0.3)
     raise AssertionError(f"guest: timed out waiting for {what}; last output of {command!r}: {out!r}")
-
-
-def qemu_pid(uuid: str) -> int | None:
-    """The PID of the QEMU process running the domain with this UUID (nodes share the host's PID namespace)."""
-    from pathlib import Path
-
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and b"qemu-system" in cmdline[0] and uuid.encode() in cmdline:
-            return int(proc.name)
-    return None
