@@ -66,7 +66,9 @@ async def ensure(host: Host, guest: Guest | None, wanted: DomainConfig) -> Defin
             return Defined(guest, wanted, stored, None)
         carry_over_addresses(wanted, stored)  # devices keep their PCI slots (and guest names)
     verb = "Redefined" if guest is not None else "Defined"
-    guest = await host.define(wanted.to_xml())
+    # A VM's first definition is checked against libvirt's schema (renders of every field are, in
+    # tests/world); redefining it with a new generation is on the path of every live change.
+    guest = await host.define(wanted.to_xml(), validate=guest is None)
     stored = DomainConfig.from_xml(await guest.xml(inactive=True))
     return Defined(guest, wanted, stored, verb)
 

@@ -48,6 +48,7 @@ class Reconciler:
         self.qos = QosApplier(store)
         self.renders = define.RenderCache()
         self._domain_ids: dict[str, int | None] = {}  # the running domain's id (its cgroup's name)
+        self._matched: dict[str, str] = {}  # live metadata to record once status is written
         self._oom: dict[str, int] = {}  # domain uuid -> generation at which the kernel killed its QEMU
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
@@ -164,6 +165,12 @@ class Reconciler:
             after = replace(after, reason=oom.reason, message=oom.message, halt=oom.halt or after.halt)
         rep = report.for_pass(obj, spec, guest, after, stopping, outcomes, live, unavailable, refused)
         await self.write(obj, rep)
+        matched = self._matched.pop(guest.uuid, None)
+        if matched is not None:  # the running domain matches this generation: say so in its own metadata
+            try:
+                await guest.set_operator_metadata(matched, live=True)
+            except HypervisorError as exc:  # stopped meanwhile: the next start records its own generation
+                log.info("%s: live metadata not updated: %s", guest.name, exc.message)
         if after.halt and st.get("haltedGeneration") != obj["metadata"].get("generation", 1):
             await self.event(obj, after.reason, after.message, warning=True)
         requeue = [t for t in (after.requeue, decision.requeue, live.requeue) if t is not None]
@@ -171,6 +178,7 @@ class Reconciler:
 
     async def _live_update(self, obj, guest: Guest, defined: define.Defined, runnable, seen) -> report.Live:
         """Plans and applies the live steps; the outcome, re-planned on the domain as it now is."""
+        self._matched.pop(guest.uuid, None)
         if seen.state not in LIVE_STATES:
             self.qos.forget((obj["metadata"]["namespace"], obj["metadata"]["name"]))
             return report.Live(facts_xml=defined.stored, running=False)
@@ -197,8 +205,8 @@ class Reconciler:
             p = plan(defined.wanted, live, defined.stored, caps=self.caps, sizes=sizes, capacities=caps)
         qos = await self.qos.apply(obj, guest, live)
         if p.converged and booted != gen and live.operator_metadata is not None:
-            live.operator_metadata.generation = gen
-            await guest.set_operator_metadata(live.operator_metadata.to_api_xml(), live=True)
+            live.operator_metadata.generation = gen  # recorded in the live domain after the status write
+            self._matched[guest.uuid] = live.operator_metadata.to_api_xml()
             booted = gen
         return report.Live(facts_xml=live, running=True, xml=xml, plan=p, result=result, matched_generation=booted,
                            capacities=caps, requeue=2.0 if result and result.waiting else None,
