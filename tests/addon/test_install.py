@@ -296,6 +296,30 @@ def test_components_were_never_refused_and_rbac_holds_no_unused_rule(addon: Addo
         ("controller", "vmqospolicies/status", "patch"),
     }
     owners = addon.process_token_ids()
+    rendered = yaml.safe_load_all(addon.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                                             "--kube-version", "v1.34.0").stdout)
+    granted = set()
+    for doc in rendered:
+        if doc and doc["kind"] in ("ClusterRole", "Role"):
+            component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            granted |= {(component, res, verb) for rule in doc["rules"] for res in rule["resources"]
+                        for verb in rule["verbs"]}
+    # Events are posted in the background: read the audit log again until they show (or 30 s pass).
+    deadline = time.monotonic() + 30
+    while True:
+        used, refused = _audited(addon, owners)
+        unused = sorted(g for g in granted - not_exercised if (g[1], g[2]) not in used[g[0]])
+        if not unused or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not refused, "requests refused:\n" + "\n".join(refused)
+
+    assert not unused, f"granted but never used: {unused}; used: {dict(used)}"
+    assert not_exercised <= granted, "the not-exercised list names rules the chart no longer grants"
+
+
+def _audited(addon: AddonWorld, owners: dict) -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
+    """(component -> (resource, verb) answered, requests refused) from the audit log so far."""
     used: dict[str, set[tuple[str, str]]] = defaultdict(set)
     refused = []
     for event in addon.cp.audit_events():
@@ -311,16 +335,4 @@ def test_components_were_never_refused_and_rbac_holds_no_unused_rule(addon: Addo
             refused.append(f"{owner}: {event['verb']} {resource} {ref.get('namespace', '')}/{ref.get('name', '')}")
         else:  # answered, if only by 404 (a lease renewed before it exists) or 409 (a stale placement)
             used[component].add((resource, event["verb"]))
-    assert not refused, "requests refused:\n" + "\n".join(refused)
-
-    rendered = yaml.safe_load_all(addon.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                                             "--kube-version", "v1.34.0").stdout)
-    granted = set()
-    for doc in rendered:
-        if doc and doc["kind"] in ("ClusterRole", "Role"):
-            component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
-            granted |= {(component, res, verb) for rule in doc["rules"] for res in rule["resources"]
-                        for verb in rule["verbs"]}
-    unused = sorted(g for g in granted - not_exercised if (g[1], g[2]) not in used[g[0]])
-    assert not unused, f"granted but never used: {unused}; used: {dict(used)}"
-    assert not_exercised <= granted, "the not-exercised list names rules the chart no longer grants"
+    return used, refused
