@@ -57,8 +57,8 @@ def _footer(vm: dict) -> str:
     if st and not st.get("valid", True):
         lines.append(f"status.qos is invalid: {st.get('reason')}: {st.get('message', '')}")
     if cond:
-        lines.append(f"QosApplied: {cond.get('status')} ({cond.get('reason')}"
-                     + (f": {cond['message']}" if cond.get("message") else "") + ")")
+        lines.append(f"QosApplied: {cond.get('status')} ({cond.get('reason')})"
+                     + (f" - {cond['message']}" if cond.get("message") else ""))
     else:
         lines.append("QosApplied: not reported yet")
     if applied:
