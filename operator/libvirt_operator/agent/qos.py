@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 from libvirt_operator.agent.store import Key, VMStore, key_of
@@ -39,11 +40,25 @@ class QosApplier:
         self._done: dict[Key, str] = {}  # what was applied: hash of values, domain id, shares
         self._nics: dict[Key, list[tuple[NicEffective, str, str]]] = {}  # running NICs with their taps
         self._tuned: dict[Key, set[str]] = {}  # disks with I/O limits, to clear the ones dropped
+        self._applied: dict[Key, dict] = {}  # status.qosApplied of what this agent applied
         self._lock = asyncio.Lock()  # node-wide tc changes, one at a time
 
     def forget(self, key: Key) -> None:
         self._done.pop(key, None)
         self._nics.pop(key, None)
+        self._applied.pop(key, None)
+
+    async def drop(self, key: Key) -> None:
+        """A VM gone from this node: its NICs leave the node's tc plan (its port groups shrink)."""
+        had = bool(self._nics.get(key))
+        self.forget(key)
+        if had and self.caps is not None and self.caps.network_mechanism == "tc":
+            async with self._lock:
+                await asyncio.to_thread(netshape.apply_node, self.shaper, netshape.plan_node(self._live_items()))
+
+    def _live_items(self) -> list[tuple[NicEffective, str, str]]:
+        """Every shaped NIC of this node whose tap still exists (a stopped VM's tap is gone at once)."""
+        return [item for nics in self._nics.values() for item in nics if os.path.exists(f"/sys/class/net/{item[1]}")]
 
     async def apply(self, obj: dict, guest: Guest, live: DomainConfig) -> Outcome:
         key = key_of(obj)
@@ -60,8 +75,13 @@ class QosApplier:
         shares = self._shares().get(_key_text(key))
         marker = _marker(eff, live.id, shares)
         previous = st.get("qosApplied")
-        if self._done.get(key) == marker and previous:
-            return Outcome(Cond("QosApplied", True, "Applied", _summary(eff)), previous)
+        if self._done.get(key) == marker and key in self._applied:
+            return Outcome(Cond("QosApplied", True, "Applied", _summary(eff)), self._applied[key])
+        tapless = [n.name for n in eff.network if _has_rates(n) and not _tap_of(live, n.name)]
+        if tapless:  # nothing of the VM's QoS is applied, as for any value the node cannot honour
+            return Outcome(Cond("QosApplied", False, "HostUnsupported",
+                                "; ".join(f"network[{n}]: the interface has no host device to shape (a user-mode "
+                                          "NIC runs inside QEMU)" for n in tapless)), previous)
         targets = {naming.disk_name_from_alias(d.alias): d.target_dev for d in live.devices.disks
                    if naming.disk_name_from_alias(d.alias)}
         try:
@@ -76,9 +96,12 @@ class QosApplier:
             return Outcome(Cond("QosApplied", False, "QosFailed", str(exc)), previous)
         self._tuned[key] = {d.name for d in eff.disks}
         self._done[key] = marker
-        applied = {**applied, "interfaces": interfaces, "networkMechanism": self.caps.network_mechanism or "none",
-                   "cgroup": f"v{self.caps.cgroup_version}", "generation": (raw or {}).get("observedGeneration")}
-        return Outcome(Cond("QosApplied", True, "Applied", _summary(eff)), _clean(applied))
+        applied = _clean({**applied, "interfaces": interfaces,
+                          "networkMechanism": self.caps.network_mechanism or "none",
+                          "cgroup": f"v{self.caps.cgroup_version}",
+                          "generation": (raw or {}).get("observedGeneration")})
+        self._applied[key] = applied
+        return Outcome(Cond("QosApplied", True, "Applied", _summary(eff)), applied)
 
     def _shares(self) -> dict[str, int]:
         vms = {}
@@ -105,8 +128,7 @@ class QosApplier:
         if self.caps.network_mechanism != "tc":
             return {}  # judge() refused NIC QoS on a node without a mechanism
         async with self._lock:
-            items = [item for nics in self._nics.values() for item in nics]
-            await asyncio.to_thread(netshape.apply_node, self.shaper, netshape.plan_node(items))
+            await asyncio.to_thread(netshape.apply_node, self.shaper, netshape.plan_node(self._live_items()))
             return {nic.name: await asyncio.to_thread(self._rates, tap) for nic, tap, _mac in mine}
 
     def _rates(self, tap: str) -> dict[str, int]:
@@ -120,6 +142,17 @@ class QosApplier:
             if ifb.classes:
                 out["outboundRateBits"], out["outboundCeilBits"] = ifb.classes[0].rate_bits, ifb.classes[0].ceil_bits
         return out
+
+
+def _has_rates(nic: NicEffective) -> bool:
+    return any(v is not None for v in (nic.inbound, nic.outbound, nic.queues, nic.port_group))
+
+
+def _tap_of(live: DomainConfig, name: str) -> str | None:
+    for nic in live.devices.interfaces:
+        if naming.nic_name_from_alias(nic.alias) == name:
+            return nic.target_dev if nic.type != "user" else None
+    return None
 
 
 def _marker(eff: EffectiveQos, domain_id: int | None, shares: int | None) -> str:
@@ -139,6 +172,8 @@ def _key_text(key: Key) -> str:
 
 
 def _clean(value):
+    """Without None values and empty maps (the API server takes an empty map in an apply for null)."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if v is not None and v != {}}
+        cleaned = {k: _clean(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in cleaned.items() if v != {}}
     return value

@@ -77,7 +77,7 @@ class Reconciler:
                 return None
             if exc.status == 409:
                 return 0.2
-            log.warning("%s/%s: API error %s: %s", *key, exc.status, exc.reason)
+            log.warning("%s/%s: API error %s: %s: %s", *key, exc.status, exc.reason, (exc.body or "")[:2000])
             return self._backoff(key)
         except Exception as exc:  # a bug: say so in status rather than loop silently
             outcome.result = "error"
@@ -103,7 +103,10 @@ class Reconciler:
             return None
         guest = await self.host.lookup(md["uid"])
         if deleting:
-            return await teardown.run(self, obj, spec, guest)
+            done = await teardown.run(self, obj, spec, guest)
+            if done is None:  # the domain is gone: so are its NICs, from the node's tc plan
+                await self.qos.drop((md["namespace"], md["name"]))
+            return done
         if meta.AGENT_FINALIZER not in (md.get("finalizers") or []):
             obj = await self.set_finalizer(obj, add=True)
 
@@ -180,7 +183,7 @@ class Reconciler:
         """Plans and applies the live steps; the outcome, re-planned on the domain as it now is."""
         self._matched.pop(guest.uuid, None)
         if seen.state not in LIVE_STATES:
-            self.qos.forget((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+            await self.qos.drop((obj["metadata"]["namespace"], obj["metadata"]["name"]))
             return report.Live(facts_xml=defined.stored, running=False)
         sizes = define.wanted_sizes(runnable)
         xml = await guest.xml()
