@@ -6,6 +6,7 @@ import re
 
 from libvirt_operator.api import meta, quantity
 from libvirt_operator.cli.plan import Refused, generation
+from libvirt_operator.domain import cpuset
 from libvirt_operator.domain.errors import RenderError
 from libvirt_operator.domain.targets import assign_targets
 
@@ -143,13 +144,4 @@ def cpulist(text: str) -> str:
     cpus = sorted(chosen - excluded)
     if not cpus:
         raise Refused(f"CPU list {text!r} names no CPU")
-    ranges: list[str] = []
-    start = prev = cpus[0]
-    for c in [*cpus[1:], None]:
-        if c is not None and c == prev + 1:
-            prev = c
-            continue
-        ranges.append(str(start) if start == prev else f"{start}-{prev}")
-        if c is not None:
-            start = prev = c
-    return ",".join(ranges)
+    return cpuset.format_cpus(cpus)

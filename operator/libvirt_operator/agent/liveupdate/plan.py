@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from libvirt_operator.domain import naming
 from libvirt_operator.domain.config import DomainConfig
+from libvirt_operator.domain.cpuset import canonical
 from libvirt_operator.domain.devices import Disk, HostDev, Interface, MemoryDevice
 
 # The balloon reports the guest's actual size, which may stay a little under the target.
@@ -266,23 +267,6 @@ def _sizes(live: DomainConfig, sizes: dict[str, int], capacities: dict[str, int]
         elif want < have:
             p.refused.append((f"{_field(alias)}.size",
                               f"the disk is {have} bytes, the spec asks for {want}: disks are never shrunk"))
-
-
-def canonical(cpuset: str) -> str:
-    """'3,0-1,2' -> '0-3': one spelling per set of host CPUs."""
-    cpus: set[int] = set()
-    for part in cpuset.split(","):
-        lo, _, hi = part.strip().partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    ranges, run = [], []
-    for cpu in sorted(cpus):
-        if run and cpu != run[-1] + 1:
-            ranges.append(run)
-            run = []
-        run.append(cpu)
-    if run:
-        ranges.append(run)
-    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in ranges)
 
 
 def _restart(p: Plan, field_: str) -> None:
