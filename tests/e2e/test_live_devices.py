@@ -9,6 +9,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from localenv.guest import make_iso
 from tests.e2e.vmtools import condition, guest_run, manifest, qemu_pid, wait_guest
 
 MiB = 1 << 20
@@ -30,12 +31,7 @@ def image(cluster, name: str, size: str = "64M", fmt: str = "qcow2", pattern: by
 
 
 def iso(cluster, name: str, label: str) -> Path:
-    src = cluster.storage_dir / "images" / f"{name}.d"
-    src.mkdir(exist_ok=True)
-    (src / "hello.txt").write_text(label)
-    path = cluster.storage_dir / "images" / name
-    subprocess.run(["genisoimage", "-quiet", "-V", label, "-o", str(path), str(src)], check=True)
-    return path
+    return make_iso(cluster.storage_dir / "images" / name, label)
 
 
 def boot(vms, cluster, name, **spec):

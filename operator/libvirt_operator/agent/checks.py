@@ -4,7 +4,6 @@ Each returns problems with a condition reason; none of them touches a domain."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +67,3 @@ def without(spec: VirtualMachineSpec, fields: set[str]) -> VirtualMachineSpec:
         "interfaces": [n for n in spec.interfaces if f"interfaces[{n.name}]" not in fields],
         "host_devices": [h for h in spec.host_devices if f"hostDevices[{h.name}]" not in fields],
     })
-
-
-def file_size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None

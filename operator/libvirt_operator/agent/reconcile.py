@@ -152,7 +152,7 @@ class Reconciler:
         if restarting and seen.state not in power.ACTIVE_STATES:
             decision = power.Decision(power.Action.START_PAUSED if spec.power_state == "Paused" else power.Action.START,
                                       "Starting", False, "Restarting", "started again (restart request)")
-        refused = await power_actions.act(obj, spec, guest, decision, self._eventer(obj))
+        refused = await power_actions.act(obj, spec, guest, decision, self.eventer(obj))
         if restarting:
             outcomes.update(await self._restart_progress(obj, decision, refused, restarting))
         still_restarting = restarting is not None and outcomes["lastRestart"]["result"] == "InProgress"
@@ -322,7 +322,7 @@ class Reconciler:
         ps = await guest.state()
         return power.Observed(ps.state, ps.reason)
 
-    def _eventer(self, obj: dict):
+    def eventer(self, obj: dict):
         async def post(reason: str, message: str, warning: bool = False) -> None:
             await self.event(obj, reason, message, warning)
         return post

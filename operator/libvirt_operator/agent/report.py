@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from libvirt_operator.agent import power, status
+from libvirt_operator.agent import power, requests, status
 from libvirt_operator.agent.devices import device_facts
 from libvirt_operator.agent.liveupdate.apply import Outcome
 from libvirt_operator.agent.liveupdate.plan import Plan
@@ -138,8 +138,6 @@ def now(obj: dict, guest: Guest, seen: power.Observed, outcomes: dict) -> status
 def failure(obj: dict, reason: str, message: str, guest: Guest | None, active: bool | None, cfg) -> status.Report:
     """A pass that could not finish: Ready False with the reason; what is known is kept.
     ``active`` None: libvirt could not be asked (the domain's state is unknown)."""
-    from libvirt_operator.agent import requests
-
     st = obj.get("status") or {}
     gen = obj["metadata"].get("generation", 1)
     if reason == "ConnectionLost":

@@ -21,7 +21,7 @@ async def run(r, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> fl
             st = obj.get("status") or {}
             want = r.desired(obj, spec, stopping=True)
             d = power.decide(want, seen, r.history(st))
-            refused = await power_actions.act(obj, spec, guest, d, r._eventer(obj))
+            refused = await power_actions.act(obj, spec, guest, d, r.eventer(obj))
             seen = await r.observe(guest)
             if seen.state in power.ACTIVE_STATES:
                 after = power.reassess(want, seen, d, r.history(obj.get("status") or {}))
