@@ -184,6 +184,18 @@ class RestartRequest(ApiModel):
                           "then start), which applies the changes that need one.")
 
 
+class RevertRequest(ApiModel):
+    id: RequestId = Field(description="A new id asks for one revert to the snapshot.")
+    snapshot: DnsLabel = Field(description="A Ready VMSnapshot of this VM. A running VM is stopped, reverted, "
+                               "and brought back to powerState.")
+
+
+class CloneSource(ApiModel):
+    snapshot: DnsLabel = Field(description="A Ready VMSnapshot with forClone in this namespace; each disk of "
+                               "this VM named like one of the snapshot's gets a new leaf at its path over the "
+                               "snapshot's read-only file.")
+
+
 class VirtualMachineSpec(ApiModel):
     model_config = {"json_schema_extra": validations(
         cel("self.shutdown.mode != 'agent' || self.guestAgent",
@@ -192,6 +204,8 @@ class VirtualMachineSpec(ApiModel):
             "reboot.mode 'agent' needs guestAgent: true", field_path=".reboot.mode"),
         cel("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)",
             "nodeName cannot be changed once set; migrate the VM instead", field_path=".nodeName"),
+        cel("has(self.cloneFrom) == has(oldSelf.cloneFrom) && (!has(self.cloneFrom) || self.cloneFrom == "
+            "oldSelf.cloneFrom)", "cloneFrom is set at creation only", field_path=".cloneFrom"),
         cel("has(self.boot.kernel) || self.disks.size() > 0",
             "a VM needs a disk or a kernel to boot from", reason="FieldValueRequired", field_path=".disks"),
         cel("self.disks.all(d, !has(d.target) || self.disks.exists_one(e, has(e.target) && e.target == d.target))",
@@ -223,11 +237,14 @@ class VirtualMachineSpec(ApiModel):
     reboot: RebootRequest | None = Field(None, description="One-shot reboot request.")
     reset: ResetRequest | None = Field(None, description="One-shot hard reset request.")
     restart: RestartRequest | None = Field(None, description="One-shot cold restart request.")
+    revert: RevertRequest | None = Field(None, description="One-shot revert to a VMSnapshot.")
+    clone_from: CloneSource | None = Field(None, description="Create this VM's disks as leaves over a "
+                                           "snapshot of another VM (online clone); set at creation only.")
     qos: QosSpec | None = Field(None, description="QoS of this VM; each value overrides the VMQosPolicies "
                                 "that select it (see api/qos.py for units and mechanisms).")
     disk_deletion_policy: Literal["Retain", "Delete"] = Field(
-        "Retain", description="Delete removes the VM's writable disk files (not their backing files) "
-        "when the VM is deleted."
+        "Retain", description="Delete removes, when the VM is deleted, the files of its disks' recorded "
+        "chains (status.disks) that no VMSnapshot and no other VM references; read-only disks stay."
     )
 
 
@@ -236,6 +253,7 @@ class RequestOutcome(ApiModel):
     result: Literal["InProgress", "Succeeded", "Failed"]
     message: str = ""
     time: str
+    step: str | None = Field(None, description="A long request's step reached (recorded before it runs).")
 
 
 class DomainRef(ApiModel):
@@ -299,6 +317,7 @@ class VirtualMachineStatus(ApiModel):
     last_reboot: RequestOutcome | None = None
     last_reset: RequestOutcome | None = None
     last_restart: RequestOutcome | None = None
+    last_revert: RequestOutcome | None = None
     vcpus: int | None = Field(None, description="vCPUs of the running domain.")
     memory: str | None = Field(None, description="Memory of the running domain (boot memory plus DIMMs).")
     disks: list[DiskStatus] = Field(default_factory=list, json_schema_extra=NAMED_LIST)
