@@ -18,6 +18,7 @@ from libvirt_operator.domain.metadata import NAMESPACE as METADATA_NAMESPACE
 from libvirt_operator.domain.metadata import PREFIX as METADATA_KEY
 from libvirt_operator.hypervisor import readxml
 from libvirt_operator.hypervisor.errors import HypervisorError
+from libvirt_operator.hypervisor.migration import MigrationMixin
 from libvirt_operator.hypervisor.readxml import DiskSource
 from libvirt_operator.hypervisor.snapshots import SnapshotMixin
 from libvirt_operator.hypervisor.states import PowerState, power_state
@@ -80,7 +81,7 @@ class ExecResult:
     stderr: str
 
 
-class Guest(TuningMixin, SnapshotMixin):
+class Guest(TuningMixin, SnapshotMixin, MigrationMixin):
     """A domain on a Host. It survives reconnects: after one, the next call looks the
     domain up again by UUID on the new connection."""
 
