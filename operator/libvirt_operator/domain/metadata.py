@@ -14,6 +14,7 @@ import json
 import xml.etree.ElementTree as ET
 
 from libvirt_operator.domain.xmlbase import IntText, Text, XMLElement, canonical_xml
+from libvirt_operator.storage.chain import Chain
 
 NAMESPACE = "https://virt.libvirt-operator.io/domain/v1alpha1"
 PREFIX = "lvo"
@@ -30,7 +31,7 @@ class OperatorMetadata(XMLElement):
     exchange the element without its namespace: see from_api_xml / to_api_xml."""
 
     TAG = _q("vm")
-    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash", "bootFields")))
+    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash", "bootFields", "disks")))
 
     vm_namespace = Text(_q("namespace"))
     vm_name = Text(_q("name"))
@@ -39,6 +40,8 @@ class OperatorMetadata(XMLElement):
     config_hash = Text(_q("configHash"))
     # JSON of the spec fields that only a (re)start applies; in the live XML: those it booted with.
     boot_fields_json = Text(_q("bootFields"))
+    # JSON {disk name: [{"path", "format"}, ...]}: each disk's chain, the active file first.
+    disks_json = Text(_q("disks"))
 
     @property
     def boot_fields(self) -> dict:
@@ -47,6 +50,18 @@ class OperatorMetadata(XMLElement):
     @boot_fields.setter
     def boot_fields(self, value: dict) -> None:
         self.boot_fields_json = json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def disks(self) -> dict[str, Chain]:
+        """The recorded chain of each file-backed disk, by disk name ({} when none is recorded)."""
+        if not self.disks_json:
+            return {}
+        return {name: Chain.from_list(layers) for name, layers in json.loads(self.disks_json).items()}
+
+    @disks.setter
+    def disks(self, value: dict[str, Chain] | None) -> None:
+        self.disks_json = (json.dumps({name: chain.to_list() for name, chain in sorted(value.items())},
+                                      separators=(",", ":")) if value else None)
 
     @classmethod
     def from_api_xml(cls, text: str) -> OperatorMetadata:

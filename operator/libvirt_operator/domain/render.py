@@ -6,6 +6,8 @@ so an agent can tell a stale domain from a current one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from libvirt_operator.api.quantity import to_kib
 from libvirt_operator.api.virtualmachine import Boot, Disk, HostDevice, Interface, VirtualMachineSpec
 from libvirt_operator.domain import devices as dev
@@ -19,6 +21,7 @@ from libvirt_operator.domain.features import Features
 from libvirt_operator.domain.guest_os import GuestOS
 from libvirt_operator.domain.metadata import OperatorMetadata
 from libvirt_operator.domain.targets import assign_targets
+from libvirt_operator.storage.chain import Chain
 
 ARCH = "x86_64"
 # q35 (PCIe) for every VM, except that IDE exists only on the older i440fx 'pc'.
@@ -42,10 +45,14 @@ def render_domain(
     domain_type: str,
     console_log: str | None,
     uid: str | None = None,
+    disk_chains: Mapping[str, Chain] | None = None,
 ) -> DomainConfig:
     """The domain for ``spec``. ``domain_type`` is the resolved 'kvm' or 'qemu';
     ``console_log`` receives the serial console's output; ``uid`` is the
-    VirtualMachine's metadata.uid (defaults to ``uuid``)."""
+    VirtualMachine's metadata.uid (defaults to ``uuid``). ``disk_chains`` is the record of the disks'
+    chains by disk name (after a snapshot the active file is a leaf over the spec's path): a disk
+    (not a CD-ROM) named there runs on its chain's active file, in that file's format. The metadata
+    records the chain of every file-backed disk (the spec's path alone when it has no record)."""
     if domain_type not in ("kvm", "qemu"):
         raise RenderError(f"domain type must be resolved to 'kvm' or 'qemu', not {domain_type!r}")
     machine = IDE_MACHINE if any(_bus(disk) == "ide" for disk in spec.disks) else MACHINE
@@ -57,12 +64,25 @@ def render_domain(
     domain.cputune = _cputune(spec)
     domain.clock = Clock(offset="utc")
     domain.on_poweroff, domain.on_reboot, domain.on_crash = "destroy", "restart", "destroy"
-    domain.devices = _devices(spec, uuid, machine, console_log)
+    chains = disk_records(spec, disk_chains or {})
+    domain.devices = _devices(spec, uuid, machine, console_log, chains)
     own = OperatorMetadata(vm_namespace=namespace, vm_name=vm_name, vm_uid=uid or uuid, generation=generation)
     own.boot_fields = boot_fields(spec, domain_type, machine)
+    own.disks = chains
     domain.operator_metadata = own
     own.config_hash = domain.config_hash()
     return domain
+
+
+def disk_records(spec: VirtualMachineSpec, disk_chains: Mapping[str, Chain]) -> dict[str, Chain]:
+    """The chain each file-backed disk (not a CD-ROM) runs on: its record, else its spec path alone."""
+    out = {}
+    for disk in spec.disks:
+        if disk.device != "disk" or not disk.path:
+            continue
+        chain = disk_chains.get(disk.name)
+        out[disk.name] = chain if chain is not None else Chain.of((disk.path, disk.format or "qcow2"))
+    return out
 
 
 def boot_fields(spec: VirtualMachineSpec, domain_type: str, machine: str) -> dict:
@@ -125,11 +145,12 @@ def _cpu(spec: VirtualMachineSpec, domain_type: str) -> CPU | None:
     return cpu if cpu.element.attrib or len(cpu.element) else None
 
 
-def _devices(spec: VirtualMachineSpec, uuid: str, machine: str, console_log: str | None) -> dev.Devices:
+def _devices(spec: VirtualMachineSpec, uuid: str, machine: str, console_log: str | None,
+             chains: Mapping[str, Chain]) -> dev.Devices:
     devices = dev.Devices()
     targets = assign_targets([(_bus(disk), disk.target) for disk in spec.disks])
     for disk, target in zip(spec.disks, targets, strict=True):
-        devices.disks.append(_disk(disk, target))
+        devices.disks.append(_disk(disk, target, chains.get(disk.name)))
     controllers = [
         dev.Controller(type="usb", index=0, model="qemu-xhci", alias=naming.USB_CONTROLLER_ALIAS),
         # always present, so SCSI disks attached later land on virtio-scsi, not libvirt's default lsilogic
@@ -180,14 +201,17 @@ def _bus(disk: Disk) -> str:
     return disk.bus or ("sata" if disk.device == "cdrom" else "virtio")
 
 
-def _disk(disk: Disk, target: str) -> dev.Disk:
+def _disk(disk: Disk, target: str, chain: Chain | None) -> dev.Disk:
     cdrom = disk.device == "cdrom"
+    fmt, path = disk.format or ("raw" if cdrom else "qcow2"), disk.path  # None: an empty CD-ROM drive
+    if chain is not None and not cdrom:  # the recorded active file (a snapshot's leaf over the spec's path)
+        fmt, path = chain.active.format or fmt, chain.active.path
     element = dev.Disk(
         type="file",
         device=disk.device,
         driver_name="qemu",
-        driver_type=disk.format or ("raw" if cdrom else "qcow2"),
-        source_file=disk.path,  # None: an empty CD-ROM drive
+        driver_type=fmt,
+        source_file=path,
         target_dev=target,
         target_bus=_bus(disk),
         alias=naming.disk_alias(disk.name),

@@ -1,3 +1,5 @@
+import json
+
 from domain_samples import sample
 
 from libvirt_operator.domain import DomainConfig, OperatorMetadata
@@ -42,3 +44,24 @@ def test_metadata_api_form_has_no_namespace():
     back = OperatorMetadata.from_api_xml("<vm>\n  <name>vm</name>\n  <generation>3</generation>\n</vm>")
     assert (back.vm_name, back.generation, back.vm_namespace) == ("vm", 3, None)
     assert own.element.tag == f"{{{NAMESPACE}}}vm"  # the original keeps its namespace
+
+
+def test_disk_record_round_trips_in_libvirt_order():
+    from libvirt_operator.storage.chain import Chain
+
+    chains = {"root": Chain.of(("/img/root.s1.qcow2", "qcow2"), ("/img/root.qcow2", "qcow2")),
+              "data": Chain.of(("/img/data.raw", "raw"))}
+    own = OperatorMetadata(vm_namespace="ns", vm_name="vm", generation=2)
+    own.disks = chains
+    own.boot_fields = {"machine": "q35"}  # set after disks: written before them (CHILD_ORDER)
+    api = own.to_api_xml()
+    assert api.index("<bootFields>") < api.index("<disks>")
+    assert OperatorMetadata.from_api_xml(api).disks == chains
+    assert json.loads(own.disks_json)["root"] == [{"path": "/img/root.s1.qcow2", "format": "qcow2"},
+                                                  {"path": "/img/root.qcow2", "format": "qcow2"}]
+    dom = DomainConfig.from_xml(sample("kernel-boot"))
+    dom.operator_metadata = own
+    back = DomainConfig.from_xml(dom.to_xml()).operator_metadata
+    assert back.disks == chains and back.disks["root"].active.path == "/img/root.s1.qcow2"
+    own.disks = {}
+    assert own.disks == {} and "<disks" not in own.to_api_xml()

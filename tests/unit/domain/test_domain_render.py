@@ -218,3 +218,27 @@ def test_staleness():
 def test_rendered_xml_parses_back_identically():
     text = render(FIRMWARE).to_xml()
     assert DomainConfig.from_xml(text).to_xml() == text
+
+
+def test_disks_run_on_their_recorded_active_file():
+    from libvirt_operator.storage.chain import Chain
+
+    leaf = Chain.of(("/img/root.s1.qcow2", "qcow2"), ("/img/root.qcow2", "qcow2"))
+    data = Chain.of(("/img/data.s1.qcow2", "qcow2"), ("/img/data.raw", "raw"))
+    plain = render(FIRMWARE)
+    dom = render(FIRMWARE, disk_chains={"root": leaf, "data": data, "install": Chain.of(("/iso/other.iso", "raw"))})
+    disks = {d.alias: d for d in dom.devices.disks}
+    assert (disks["ua-disk-root"].source_file, disks["ua-disk-root"].driver_type) == ("/img/root.s1.qcow2", "qcow2")
+    assert (disks["ua-disk-data"].source_file, disks["ua-disk-data"].driver_type) == ("/img/data.s1.qcow2", "qcow2")
+    assert disks["ua-disk-data"].readonly and disks["ua-disk-data"].target_bus == "scsi"
+    # a CD-ROM is media, never a chain: the spec's ISO stays
+    assert disks["ua-disk-install"].source_file == "/iso/debian.iso"
+    assert dom.config_hash() != plain.config_hash()  # a new active file redefines the domain
+    # the record of every file-backed disk; a disk without one is its spec path alone
+    assert dom.operator_metadata.disks == {"root": leaf, "data": data,
+                                           "fixed": Chain.of(("/img/fixed.qcow2", "qcow2"))}
+    assert plain.operator_metadata.disks == {"root": Chain.of(("/img/root.qcow2", "qcow2")),
+                                             "data": Chain.of(("/img/data.raw", "raw")),
+                                             "fixed": Chain.of(("/img/fixed.qcow2", "qcow2"))}
+    # without a record (or with the one-layer record of the spec paths) the render is the spec's
+    assert render(FIRMWARE, disk_chains=plain.operator_metadata.disks).to_xml() == plain.to_xml()
