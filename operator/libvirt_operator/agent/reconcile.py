@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from libvirt_operator.agent import checks, define, power, power_actions, report, requests, teardown
+from libvirt_operator.agent import checks, define, disks, power, power_actions, report, requests, teardown
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.liveupdate.apply import LiveUpdater
 from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
@@ -116,10 +116,11 @@ class Reconciler:
             return None if problem.reason == "PathNotAllowed" else 30.0
         unavailable = checks.host_devices(spec)
         runnable = checks.without(spec, set(unavailable))
+        stored = await define.stored_definition(guest)  # its disk record: the chains the disks run on
         try:
             wanted = self.renders.render(obj, runnable, domain_type=self._domain_type(spec),
                                          console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"),
-                                         without=frozenset(unavailable))
+                                         without=frozenset(unavailable), disk_chains=disks.record_from(stored, obj))
         except RenderError as exc:
             await self._failed(obj, "InvalidSpec", str(exc), guest)
             return None
@@ -129,7 +130,7 @@ class Reconciler:
                 await self._failed(obj, "DomainNameConflict",
                                    f"domain {other.name} exists on this node with another uuid ({other.uuid})")
                 return None
-        defined = await define.ensure(self.host, guest, wanted)
+        defined = await define.ensure(self.host, guest, wanted, stored)
         guest = defined.guest
         if defined.verb:
             await self.event(obj, defined.verb, f"domain {guest.name} {defined.verb.lower()} on {self.cfg.node_name}")
@@ -142,7 +143,7 @@ class Reconciler:
         restarting = requests.restart_in_progress(obj["spec"], st)
         seen = await self.observe(guest)
         if seen.state not in power.ACTIVE_STATES:
-            for grown in await define.grow_offline(runnable):
+            for grown in await define.grow_offline(runnable, defined.wanted.operator_metadata.disks):
                 await self.event(obj, "DiskGrown", grown)
         want = self.desired(obj, spec, stopping=restarting is not None and seen.state in power.ACTIVE_STATES)
         decision = power.decide(want, seen, self.history(st))
