@@ -28,13 +28,18 @@ def backing_chain(disk: ET.Element) -> list[str]:
 def device_facts(domain: DomainConfig, capacities: dict[str, int] | None = None) -> dict[str, Any]:
     """status.vcpus, memory, disks and interfaces of ``domain``; capacities by disk alias."""
     capacities = capacities or {}
+    # an inactive definition has no <backingStore>: its chains are in the disk record (agent/disks)
+    record = domain.operator_metadata.disks if domain.operator_metadata is not None else {}
     disks = []
     for d in domain.devices.disks:
         name = naming.disk_name_from_alias(d.alias)
         if name is None:
             continue
+        chain = backing_chain(d.element)
+        if not chain and name in record and record[name].active.path == d.source_file:
+            chain = [layer.path for layer in record[name].backing]
         entry = {"name": name, "target": d.target_dev, "bus": d.target_bus, "device": d.device,
-                 "path": d.source_file, "format": d.driver_type, "backingChain": backing_chain(d.element)}
+                 "path": d.source_file, "format": d.driver_type, "backingChain": chain}
         if d.alias in capacities:
             entry["capacityBytes"] = capacities[d.alias]
         disks.append({k: v for k, v in entry.items() if v is not None})
