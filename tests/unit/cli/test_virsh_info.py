@@ -14,12 +14,13 @@ from libvirt_operator.cli.verbs.info import NOT_REPORTED, vm_table
 IMG = "/var/lib/libvirt/images"
 EXPECTED = {"list", "domblklist", "domiflist", "start", "shutdown", "destroy", "suspend", "resume", "reboot", "reset",
             "restart", "setvcpus", "setmem", "vcpupin", "emulatorpin", "attach-disk", "detach-disk", "change-media",
-            "blockresize", "attach-interface", "detach-interface", "domiftune", "schedinfo", "memtune", "blkdeviotune"}
+            "blockresize", "attach-interface", "detach-interface", "domiftune", "schedinfo", "memtune", "blkdeviotune",
+            "snapshot-create-as", "snapshot-list", "snapshot-revert", "snapshot-delete", "save", "restore"}
 
 
 def test_the_table_has_every_verb_in_its_module_and_the_parser_has_the_table():
     assert set(VERBS) == EXPECTED
-    assert {v.group for v in VERBS.values()} == {"info", "power", "resources", "devices", "qos"}
+    assert {v.group for v in VERBS.values()} == {"info", "power", "resources", "devices", "qos", "snapshots"}
     sub = next(a for a in virsh.parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == EXPECTED
 
