@@ -100,3 +100,18 @@ def test_a_snapshots_own_backing_chain_and_no_snapshot_store():
     refs = node_references(vms, snaps)
     assert refs.owners("/img/a.qcow2") == {"snapshot/ns/s"} == refs.owners("/img/b.qcow2")
     assert node_references(vms, None).referenced() == frozenset()
+
+
+def test_delete_owns_the_chain_down_to_the_spec_path_only():
+    from libvirt_operator.agent.teardown import own_files
+
+    spec = VirtualMachineSpec.model_validate({**SPEC, "disks": [
+        {"name": "root", "path": "/img/root.qcow2"}, {"name": "data", "path": "/img/data.qcow2"},
+        {"name": "ro", "path": "/img/ro.raw", "format": "raw", "readOnly": True},
+        {"name": "iso", "device": "cdrom", "path": "/iso/seed.iso"}]})
+    # root: two snapshot leaves over the spec file, which itself sits on a shared base it did not make
+    root = Chain.of(("/img/root.s2.qcow2", "qcow2"), ("/img/root.s1.qcow2", "qcow2"), ("/img/root.qcow2", "qcow2"),
+                    ("/img/golden.qcow2", "qcow2"))
+    files, read_only = own_files(spec, {"root": root})
+    assert files == ["/img/root.s2.qcow2", "/img/root.s1.qcow2", "/img/root.qcow2", "/img/data.qcow2"]
+    assert read_only == {"/img/ro.raw"}
