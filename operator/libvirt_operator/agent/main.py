@@ -11,8 +11,10 @@ import kopf
 
 from libvirt_operator.agent import health, heartbeat, recovery
 from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.jobs import JobRunner
 from libvirt_operator.agent.liveupdate.plan import HostCaps
 from libvirt_operator.agent.reconcile import Reconciler
+from libvirt_operator.agent.snapshot_jobs import SnapshotJobs
 from libvirt_operator.agent.store import VMStore, key_of
 from libvirt_operator.agent.workqueue import WorkQueue
 from libvirt_operator.api import meta
@@ -35,6 +37,10 @@ class Agent:
         self.host = Host(cfg.libvirt_uri, workers=cfg.workers + 8)
         self.reconciler = Reconciler(cfg, metrics.timed_host(self.host), self.store)
         self.queue = WorkQueue(self.reconciler, workers=cfg.workers)
+        self.snapshots = self.reconciler.snapshots
+        self.jobs = self.reconciler.jobs = JobRunner(on_done=self._job_done)
+        self.snapshot_jobs = self.reconciler.snapshot_jobs = SnapshotJobs(cfg, self.host, self.store,
+                                                                          self.snapshots, self.jobs)
         metrics.track(cfg.node_name, self.queue)
         self._tasks: list[asyncio.Task] = []
 
@@ -64,6 +70,8 @@ class Agent:
         ]
 
     async def stop(self) -> None:
+        self.snapshot_jobs.stop()
+        await self.jobs.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -78,6 +86,17 @@ class Agent:
             return
         self.store.put(obj)
         self.queue.add(key_of(obj))
+
+    def on_snapshot_event(self, event: dict) -> None:
+        self.snapshot_jobs.on_event(event)
+
+    def _job_done(self, vm_uid: str) -> None:
+        key = self.store.key_for_uid(vm_uid)
+        if key is not None:
+            self.queue.add(key)
+            self.snapshot_jobs.handle_for_vm(key)
+        else:
+            self.snapshot_jobs.handle_all()
 
     def _on_libvirt_event(self, event) -> None:
         if isinstance(event, ConnectionEvent):
@@ -108,6 +127,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.cfg.resync_seconds)
             self._enqueue_all()
+            self.snapshot_jobs.handle_all()
 
     async def _recover(self) -> None:
         await asyncio.sleep(3)  # let the initial listing fill the store first
@@ -127,6 +147,7 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
     async def startup(settings: kopf.OperatorSettings, **_):
         # Only this node's VMs ever reach this process (server-side label selector).
         settings.watching.label_selectors[meta.GROUP, "virtualmachines"] = f"{meta.NODE_LABEL}={cfg.node_name}"
+        settings.watching.label_selectors[meta.GROUP, "vmsnapshots"] = f"{meta.NODE_LABEL}={cfg.node_name}"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=meta.AGENT_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=meta.AGENT_PREFIX, key="last-handled-configuration")
@@ -143,6 +164,10 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
     @kopf.on.event(meta.GROUP, meta.VERSION, "virtualmachines", registry=registry)
     def vm_event(event, **_):
         agent.on_vm_event(event)
+
+    @kopf.on.event(meta.GROUP, meta.VERSION, "vmsnapshots", registry=registry)
+    def snapshot_event(event, **_):
+        agent.on_snapshot_event(event)
 
     return agent
 

@@ -110,6 +110,10 @@ def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decisi
     was_up = past.phase in UP_PHASES or (past.phase == "Stopping" and past.shutdown_elapsed is None)
     if not was_up:
         return Decision(start, target, True, target)
+    if seen.reason == "saved":  # a snapshot (Copy, stopAfter) saved its memory: a cold boot would lose it
+        return Decision(Action.NONE, "Stopped", False, "SavedBySnapshot",
+                        "the VM's memory was saved by a snapshot (stopAfter); a revert to that snapshot resumes it, "
+                        "a spec change boots it afresh", halt=True)
     guest_shutdown = seen.reason == "shutdown" and seen.state != "crashed"
     restart = want.restart_policy == "Always" or (want.restart_policy == "OnFailure" and not guest_shutdown)
     if restart:
@@ -123,7 +127,8 @@ def _start(want: Desired, seen: Observed, past: History, paused: bool) -> Decisi
 def _halt_reason(seen: Observed) -> str:
     if seen.state == "crashed" or seen.reason == "crashed":
         return "GuestCrashed"
-    return {"shutdown": "GuestShutdown", "destroyed": "DestroyedOutsideOperator"}.get(seen.reason, "DomainStopped")
+    reasons = {"shutdown": "GuestShutdown", "destroyed": "DestroyedOutsideOperator", "saved": "SavedBySnapshot"}
+    return reasons.get(seen.reason, "DomainStopped")
 
 
 def _stop(want: Desired, seen: Observed, past: History) -> Decision:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from libvirt_operator.agent import checks, define, disks, power, power_actions, report, requests, teardown
 from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.jobs import JobRunner
 from libvirt_operator.agent.liveupdate.apply import LiveUpdater
 from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
 from libvirt_operator.agent.qos import QosApplier
@@ -52,6 +53,9 @@ class Reconciler:
         self._oom: dict[str, int] = {}  # domain uuid -> generation at which the kernel killed its QEMU
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
+        self.snapshots = VMStore()  # this node's VMSnapshots (the agent's watch fills it)
+        self.jobs = JobRunner(on_done=lambda uid: None)  # replaced by the agent's runner
+        self.snapshot_jobs = None  # agent.snapshot_jobs.SnapshotJobs, set by the agent
 
     async def __call__(self, key: Key) -> float | None:
         with metrics.reconcile() as outcome:
@@ -102,6 +106,13 @@ class Reconciler:
             await self._failed(obj, "InvalidSpec", str(exc).replace("\n", " "), lookup=False)
             return None
         guest = await self.host.lookup(md["uid"])
+        held = self.jobs.busy(md["uid"])
+        if held is None and not deleting and self.snapshot_jobs is not None:
+            held = self.snapshot_jobs.start_revert(obj)
+        if held is not None:  # a snapshot or revert job owns the VM until it ends (then this VM is looked at again)
+            if not deleting:
+                await self.write(obj, report.busy(obj, guest, held))
+            return None
         if deleting:
             done = await teardown.run(self, obj, spec, guest)
             if done is None:  # the domain is gone: so are its NICs, from the node's tc plan

@@ -135,6 +135,20 @@ def now(obj: dict, guest: Guest, seen: power.Observed, outcomes: dict) -> status
                          pending_restart=st.get("pendingRestart") or [])
 
 
+def busy(obj: dict, guest: Guest | None, held) -> status.Report:
+    """A job (snapshot, revert) holds the VM: nothing else is done to it; what is known is kept."""
+    st = obj.get("status") or {}
+    domain = {"name": guest.name, "uuid": guest.uuid} if guest else st.get("domain")
+    return status.Report(phase=st.get("phase") or "Pending", generation=obj["metadata"].get("generation", 1),
+                         observed_generation=st.get("observedGeneration") or 0,
+                         ready=Cond("Ready", False, held.kind, held.what), domain=domain,
+                         agent_connected=_carried_one(st, "AgentConnected"),
+                         failure=_carried_one(st, "Failure"), extra=status.carried_conditions(st, EXTRA),
+                         halted_generation=st.get("haltedGeneration"), shutdown=st.get("shutdown"),
+                         requests=requests.carried(st), devices=status.carried_devices(st),
+                         pending_restart=st.get("pendingRestart") or [])
+
+
 def failure(obj: dict, reason: str, message: str, guest: Guest | None, active: bool | None, cfg) -> status.Report:
     """A pass that could not finish: Ready False with the reason; what is known is kept.
     ``active`` None: libvirt could not be asked (the domain's state is unknown)."""

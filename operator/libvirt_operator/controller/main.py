@@ -7,7 +7,7 @@ import logging
 import kopf
 
 from libvirt_operator.api import meta
-from libvirt_operator.controller import health, qos_handlers, vm_scheduling
+from libvirt_operator.controller import health, qos_handlers, snapshots, vm_scheduling
 from libvirt_operator.controller.config import ControllerConfig
 from libvirt_operator.metrics import controller as metrics
 
@@ -39,6 +39,7 @@ def build(cfg: ControllerConfig) -> tuple[kopf.OperatorRegistry, vm_scheduling.S
     scheduler = vm_scheduling.Scheduler(cfg.namespace, cfg.retry_seconds)
     vm_scheduling.register(registry, scheduler)
     qos_handlers.register(registry)
+    snapshots.register(registry)
     return registry, scheduler
 
 

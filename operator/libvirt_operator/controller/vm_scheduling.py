@@ -9,6 +9,7 @@ any state, annotation or finalizer onto the VMs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -196,6 +197,12 @@ class Scheduler:
     async def _decide(self, vm: Mapping) -> tuple[Decision, placement.VMRef | None]:
         """One decision; a placement counts in the index at once. Returns it and what to `release`."""
         ref = placement.vm_ref(vm)
+        clone = (vm.get("spec") or {}).get("cloneFrom")
+        if clone and not ref.pinned_node:  # a clone's leaves go beside its snapshot's files
+            node, problem = await clone_node(vm["metadata"]["namespace"], clone["snapshot"])
+            if node is None:
+                return Decision(None, "CloneSourceNotReady", problem), None
+            ref = dataclasses.replace(ref, pinned_node=node)
         self._waiting += 1
         async with self._lock:
             self._waiting -= 1
@@ -298,6 +305,20 @@ class Scheduler:
             retry.handle.cancel()
 
 
+async def clone_node(namespace: str, snapshot: str) -> tuple[str | None, str]:
+    """The node of a Ready forClone VMSnapshot, or why a clone of it cannot be placed."""
+    obj = await asyncio.to_thread(resources.get, resources.SNAPSHOTS, namespace, snapshot)
+    if obj is None:
+        return None, f"VMSnapshot {namespace}/{snapshot} (spec.cloneFrom) does not exist"
+    if not obj["spec"].get("forClone"):
+        return None, f"VMSnapshot {namespace}/{snapshot} is not a forClone snapshot"
+    status = obj.get("status") or {}
+    node = (obj["metadata"].get("labels") or {}).get(meta.NODE_LABEL)
+    if status.get("phase") != "Ready" or not node:
+        return None, f"VMSnapshot {namespace}/{snapshot} is not Ready ({status.get('phase') or 'Pending'})"
+    return node, ""
+
+
 def slim(vm: Mapping) -> dict:
     """What placement and the controller's status need of a VM (a backlog of thousands stays small):
     identity and version, labels, spec's placement fields, status' conditions, and only the
@@ -311,8 +332,8 @@ def slim(vm: Mapping) -> dict:
     return {
         "apiVersion": vm.get("apiVersion", meta.API_VERSION), "kind": vm.get("kind", "VirtualMachine"),
         "metadata": {**{k: md[k] for k in keep_md if k in md}, "managedFields": owners},
-        "spec": {k: spec[k] for k in ("memory", "disks", "interfaces", "nodeName") if k in spec},
-        "status": {k: status[k] for k in ("conditions", "nodeName", "phase") if k in status},
+        "spec": {k: spec[k] for k in ("memory", "disks", "interfaces", "nodeName", "cloneFrom") if k in spec},
+        "status": {k: status[k] for k in ("conditions", "nodeName", "phase", "disks") if k in status},
     }
 
 

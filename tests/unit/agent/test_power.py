@@ -142,3 +142,32 @@ def test_started_domain_not_yet_active_is_reported_starting():
     done = decide(want(), Observed("shutoff", "unknown"), History(phase="Scheduled"))
     after = reassess(want(), Observed("shutoff", "unknown"), done, History(phase="Scheduled"))
     assert (after.phase, after.converged, after.reason) == ("Starting", False, "Starting")
+
+
+# -- the states and reasons snapshots leave (see /work/notes/snapshot-facts.md) ---------------------
+
+@pytest.mark.parametrize("policy", ["Always", "OnFailure", "Never"])
+def test_memory_saved_by_a_snapshot_is_not_booted_cold(policy):
+    d = decide(want(policy=policy, gen=2), Observed("shutoff", "saved"), History(phase="Running"))
+    assert d.action is Action.NONE and d.halt and d.reason == "SavedBySnapshot" and d.phase == "Stopped"
+    later = decide(want(policy=policy, gen=2), Observed("shutoff", "saved"),
+                   History(phase="Stopped", halted_generation=2))
+    assert later.action is Action.NONE and later.reason == "SavedBySnapshot"
+    assert decide(want(policy=policy, gen=3), Observed("shutoff", "saved"),
+                  History(phase="Stopped", halted_generation=2)).action is Action.START
+
+
+@pytest.mark.parametrize(("reason", "action"), [
+    ("unknown", Action.RESUME),  # the end of a live memory snapshot, should it be left paused
+    ("snapshot", Action.NONE),  # a non-live snapshot in progress: libvirt resumes it
+    ("save", Action.NONE),  # a save in progress
+])
+def test_paused_by_snapshot_reasons(reason, action):
+    d = decide(want(), Observed("paused", reason), History(phase="Running"))
+    assert d.action is action
+
+
+@pytest.mark.parametrize("reason", ["restored", "unpaused", "from-snapshot"])
+def test_running_after_restore_or_snapshot_is_left_alone(reason):
+    d = decide(want(), Observed("running", reason), History(phase="Running"))
+    assert d.action is Action.NONE and d.converged

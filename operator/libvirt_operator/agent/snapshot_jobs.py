@@ -1,0 +1,241 @@
+"""This node's VMSnapshots and revert requests, run as jobs (agent/jobs.py) by the engine in
+agent/snapshots/: what starts a job, the context it reports through, and the finalizer.
+
+A snapshot found InProgress (the agent was killed mid-job) is handed to the same entry point again,
+which carries on or fails cleanly from the step it recorded; likewise a revert whose outcome is
+InProgress."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from kubernetes.client.exceptions import ApiException
+
+from libvirt_operator.agent.config import AgentConfig
+from libvirt_operator.agent.jobs import JobContext, JobRunner, Running
+from libvirt_operator.agent.store import Key, VMStore, key_of
+from libvirt_operator.api import meta
+from libvirt_operator.api.base import utcnow
+from libvirt_operator.hypervisor.host import Host
+from libvirt_operator.kube import events, resources
+
+log = logging.getLogger(__name__)
+FINALIZER = f"{meta.AGENT_PREFIX}/snapshot"
+JOBS_MANAGER = meta.AGENT_MANAGER + "-jobs"  # status.lastRevert, beside the reconciler's fields
+COMPONENT = "libvirt-operator-agent"
+HELD_RETRY_SECONDS = 30.0  # a delete held by a clone or another snapshot is looked at again this often
+
+
+def revert_due(vm: dict) -> str | None:
+    """The id of a revert to run (new, or InProgress when the agent restarted mid-revert)."""
+    req = (vm.get("spec") or {}).get("revert")
+    last = (vm.get("status") or {}).get("lastRevert")
+    if not req:
+        return None
+    if last and last.get("id") == req["id"] and last.get("result") != "InProgress":
+        return None
+    return req["id"]
+
+
+class SnapshotJobs:
+    def __init__(self, cfg: AgentConfig, host: Host, vms: VMStore, snapshots: VMStore, jobs: JobRunner):
+        self.cfg = cfg
+        self.host = host
+        self.vms = vms
+        self.snapshots = snapshots
+        self.jobs = jobs
+        self._retries: dict[Key, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, key: Key) -> None:
+        task = self._spawn(key)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def on_event(self, event: dict) -> None:
+        obj = event["object"]
+        if event.get("type") == "DELETED":
+            self.snapshots.remove(obj)
+            return
+        self.snapshots.put(obj)
+        self._spawn(key_of(obj))
+
+    def handle_all(self) -> None:
+        for key in self.snapshots.all_keys():
+            self._spawn(key)
+
+    def handle_for_vm(self, vm_key: Key) -> None:
+        """After a job on the VM ends: snapshots of it may wait (deletes held, a new one refused)."""
+        for key in self.snapshots.all_keys():
+            snap = self.snapshots.get(key)
+            if snap is not None and key[0] == vm_key[0] and snap["spec"]["vmName"] == vm_key[1]:
+                self._spawn(key)
+
+    async def handle(self, key: Key) -> None:
+        try:
+            await self._handle(key)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                log.warning("VMSnapshot %s/%s: API error %s: %s", *key, exc.status, exc.reason)
+                self._retry(key, 5.0)
+            elif exc.status == 409:
+                self._retry(key, 0.5)
+        except Exception:
+            log.exception("VMSnapshot %s/%s: handling failed", *key)
+            self._retry(key, 10.0)
+
+    async def _handle(self, key: Key) -> None:
+        snap = self.snapshots.get(key)
+        if snap is None:
+            return
+        md, st = snap["metadata"], snap.get("status") or {}
+        vm = self.vms.get((md["namespace"], snap["spec"]["vmName"]))
+        if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
+            vm = None  # a new VM of the same name: not the one this snapshot is of
+        job_key = st.get("vmUid") or (vm["metadata"]["uid"] if vm else md["uid"])
+        if self.jobs.busy(job_key):
+            return  # the job ends by handling this VM's snapshots again
+        if md.get("deletionTimestamp"):
+            if FINALIZER in (md.get("finalizers") or []):
+                self._start(job_key, Running("SnapshotDeleting", f"snapshot {key[0]}/{key[1]}"),
+                            functools.partial(self._delete, key, vm))
+            return
+        if FINALIZER not in (md.get("finalizers") or []):
+            snap = await self._finalizer(snap, add=True)
+        phase = st.get("phase")
+        if phase in ("Ready", "Failed"):
+            return
+        if vm is None:
+            await self._fail(snap, "VMNotFound", f"VirtualMachine {key[0]}/{snap['spec']['vmName']} is not on "
+                             f"node {self.cfg.node_name} (deleted, or a new VM of that name)")
+            return
+        if phase != "InProgress":
+            vm_busy = self.jobs.busy(vm["metadata"]["uid"])
+            if vm_busy is not None:
+                await self._fail(snap, "OperationInProgress", f"{vm_busy.what} runs on the VM")
+                return
+        self._start(job_key, Running("SnapshotInProgress", f"snapshot {key[0]}/{key[1]}"),
+                    functools.partial(self._create, key, vm))
+
+    async def _create(self, key: Key, vm: dict) -> None:
+        snap = self.snapshots.get(key)
+        if snap is not None:
+            from libvirt_operator.agent.snapshots import create
+            await create.run(await self._context(snap, vm))
+
+    async def _delete(self, key: Key, vm: dict | None) -> None:
+        snap = self.snapshots.get(key)
+        if snap is None:
+            return
+        from libvirt_operator.agent.snapshots import delete
+        if await delete.run(await self._context(snap, vm)):
+            await self._finalizer(self.snapshots.get(key) or snap, add=False)
+        else:
+            self._retry(key, HELD_RETRY_SECONDS)
+
+    def _start(self, job_key: str, running: Running, work) -> None:
+        self.jobs.start(job_key, running, work)
+
+    # -- reverts ---------------------------------------------------------------------------------
+
+    def start_revert(self, vm: dict) -> Running | None:
+        """Starts the VM's revert job if one is due; returns what now holds the VM."""
+        id_ = revert_due(vm)
+        uid = vm["metadata"]["uid"]
+        held = self.jobs.busy(uid)
+        if id_ is None or held is not None:
+            return held
+        key = key_of(vm)
+        running = Running("RevertInProgress", f"revert {id_} to snapshot {vm['spec']['revert']['snapshot']}")
+        self.jobs.start(uid, running, functools.partial(self._revert, key, id_))
+        return running
+
+    async def _revert(self, vm_key: Key, id_: str) -> None:
+        vm = self.vms.get(vm_key)
+        if vm is None:
+            return
+        snap_name = vm["spec"]["revert"]["snapshot"]
+        snap = self.snapshots.get((vm_key[0], snap_name))
+        ctx = await self._context(snap or {"metadata": {"namespace": vm_key[0], "name": snap_name},
+                                           "spec": {"vmName": vm_key[1]}, "status": None}, vm)
+        if snap is None:
+            await ctx.write_revert({"id": id_, "result": "Failed", "time": utcnow(),
+                                    "message": f"VMSnapshot {vm_key[0]}/{snap_name} does not exist on node "
+                                    f"{self.cfg.node_name}"})
+            return
+        from libvirt_operator.agent.snapshots import revert
+        await revert.run(ctx, id_)
+
+    # -- the context a job reports through --------------------------------------------------------
+
+    async def _context(self, snap: dict, vm: dict | None) -> JobContext:
+        from libvirt_operator.agent import disks
+        guest = await self.host.lookup(vm["metadata"]["uid"]) if vm is not None else None
+        key = key_of(snap)
+        vm_key = key_of(vm) if vm is not None else None
+        own = dict(snap.get("status") or {})
+
+        async def write(fields: dict) -> None:
+            own.update(fields)
+            own["observedGeneration"] = snap["metadata"].get("generation", 1)
+            own["nodeName"] = self.cfg.node_name
+            if vm is not None:
+                own.setdefault("vmUid", vm["metadata"]["uid"])
+            for c in own.get("conditions") or []:
+                c.setdefault("observedGeneration", own["observedGeneration"])
+                c.setdefault("lastTransitionTime", utcnow())
+            clean = {k: v for k, v in own.items() if v not in (None, {}, [])}
+            updated = await asyncio.to_thread(resources.apply_status, resources.SNAPSHOTS, key[0], key[1], clean,
+                                              meta.AGENT_MANAGER)
+            self.snapshots.put(updated)
+
+        async def write_revert(outcome: dict) -> None:
+            outcome = {"time": utcnow(), **{k: v for k, v in outcome.items() if v is not None}}
+            updated = await asyncio.to_thread(resources.apply_status, resources.VMS, vm_key[0], vm_key[1],
+                                              {"lastRevert": outcome}, JOBS_MANAGER)
+            self.vms.put(updated)
+
+        async def event(reason: str, message: str, warning: bool = False) -> None:
+            target = vm if vm is not None else snap
+            ref = {"apiVersion": meta.API_VERSION, "kind": "VirtualMachine" if vm is not None else "VMSnapshot",
+                   "metadata": dict(target["metadata"])}
+            await asyncio.to_thread(events.post, ref, reason, message, warning=warning, component=COMPONENT)
+
+        return JobContext(
+            host=self.host, roots=tuple(map(str, self.cfg.storage_roots)), vm=vm, snapshot=snap, guest=guest,
+            write=write, write_revert=write_revert,
+            references=lambda: disks.node_references(self.vms, self.snapshots),
+            record=functools.partial(disks.record, self.host), event=event)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    async def _fail(self, snap: dict, reason: str, message: str) -> None:
+        ctx = await self._context(snap, None)
+        await ctx.write({"phase": "Failed", "conditions": [
+            {"type": "Ready", "status": "False", "reason": reason, "message": message}]})
+
+    async def _finalizer(self, snap: dict, add: bool) -> dict:
+        md = snap["metadata"]
+        current = list(md.get("finalizers") or [])
+        wanted = [*current, FINALIZER] if add else [f for f in current if f != FINALIZER]
+        patch = {"metadata": {"finalizers": wanted, "resourceVersion": md["resourceVersion"]}}
+        updated = await asyncio.to_thread(resources.merge_patch, resources.SNAPSHOTS, md["namespace"], md["name"],
+                                          patch)
+        if add:
+            self.snapshots.put(updated)
+        return updated
+
+    def _retry(self, key: Key, delay: float) -> None:
+        old = self._retries.pop(key, None)
+        if old:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._retries[key] = loop.call_later(delay, lambda: self._spawn(key))
+
+    def stop(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
