@@ -58,21 +58,37 @@ class Decision:
 
 def vm_ref(vm: Mapping) -> VMRef:
     md, spec = vm.get("metadata") or {}, vm.get("spec") or {}
-    disks = tuple(
-        DiskUse(d["path"], d.get("device", "disk") == "disk" and not d.get("readOnly", False))
-        for d in spec.get("disks") or [] if d.get("path")
-    )
     return VMRef(
         uid=md.get("uid", ""),
         name=f"{md.get('namespace')}/{md.get('name')}",
         memory_bytes=reserved_memory(spec.get("memory") or {}),
-        disks=disks,
+        disks=disk_uses(spec, vm.get("status") or {}),
         pinned_node=spec.get("nodeName") or None,
         node=(md.get("labels") or {}).get(meta.NODE_LABEL) or None,
         macs=tuple(i["mac"].lower() for i in spec.get("interfaces") or [] if i.get("mac")),
         created=md.get("creationTimestamp") or "",
         cpu_reserved=reserved_cpu(vm),
     )
+
+
+def disk_uses(spec: Mapping, status: Mapping) -> tuple[DiskUse, ...]:
+    """The files a VM uses and whether it writes them: its spec paths, and the recorded chains in
+    status.disks (after a snapshot a disk runs on a leaf: the active file is written, the backing
+    chain, the spec path included, is only read)."""
+    writes: dict[str, bool] = {}
+    read_only = {d.get("name") for d in spec.get("disks") or [] if d.get("readOnly")}
+    backing = {p for d in status.get("disks") or [] for p in d.get("backingChain") or []}
+    for d in spec.get("disks") or []:
+        if d.get("path"):
+            writable = d.get("device", "disk") == "disk" and not d.get("readOnly", False) and d["path"] not in backing
+            writes[d["path"]] = writes.get(d["path"], False) or writable
+    for d in status.get("disks") or []:
+        if d.get("path"):
+            writable = d.get("device", "disk") == "disk" and d.get("name") not in read_only
+            writes[d["path"]] = writes.get(d["path"], False) or writable
+        for path in d.get("backingChain") or []:
+            writes.setdefault(path, False)
+    return tuple(DiskUse(path, writable) for path, writable in writes.items())
 
 
 def reserved_cpu(vm: Mapping) -> int:

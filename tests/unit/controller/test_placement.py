@@ -260,3 +260,21 @@ def test_the_node_cpu_count_is_allocatable_else_capacity():
     assert cpu_percent(node({"cpu": "1500m"})) == 150
     assert cpu_percent(node(None, {"cpu": "8"})) == 800
     assert cpu_percent(node({"memory": "1Gi"})) is None
+
+
+def test_recorded_chains_count_in_the_disk_conflict():
+    # web runs on a snapshot leaf over its spec file: it writes the leaf and only reads the spec file
+    web = {"metadata": {"uid": "u1", "namespace": "ns", "name": "web", "labels": {meta.NODE_LABEL: "a"}},
+           "spec": {"memory": {"size": "1Gi"}, "disks": [{"name": "root", "path": "/i/root.qcow2"},
+                                                          {"name": "ro", "path": "/i/ro.raw", "readOnly": True}]},
+           "status": {"disks": [
+               {"name": "root", "device": "disk", "path": "/i/root.s1.qcow2", "backingChain": ["/i/root.qcow2"]},
+               {"name": "ro", "device": "disk", "path": "/i/ro.raw", "backingChain": []}]}}
+    ref = p.vm_ref(web)
+    assert ref.disks == (DiskUse("/i/root.qcow2", False), DiskUse("/i/ro.raw", False),
+                         DiskUse("/i/root.s1.qcow2", True))
+    nodes = [Node("a", 8 * GI)]
+    # another VM writing the leaf (not in web's spec) conflicts; reading the backing file does not
+    assert p.decide(vm("x", disks=[DiskUse("/i/root.s1.qcow2", True)]), nodes, {"a"}, [ref]).reason == p.DISK_CONFLICT
+    assert p.decide(vm("y", disks=[DiskUse("/i/root.qcow2", False)]), nodes, {"a"}, [ref]).node == "a"
+    assert p.decide(vm("z", disks=[DiskUse("/i/root.qcow2", True)]), nodes, {"a"}, [ref]).reason == p.DISK_CONFLICT
