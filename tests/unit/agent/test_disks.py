@@ -115,3 +115,28 @@ def test_delete_owns_the_chain_down_to_the_spec_path_only():
     files, read_only = own_files(spec, {"root": root})
     assert files == ["/img/root.s2.qcow2", "/img/root.s1.qcow2", "/img/root.qcow2", "/img/data.qcow2"]
     assert read_only == {"/img/ro.raw"}
+
+
+def test_the_planner_sees_nothing_to_do_for_a_vm_running_on_its_recorded_leaf():
+    import xml.etree.ElementTree as ET
+
+    from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
+
+    def live_on(chain: Chain) -> DomainConfig:
+        """What libvirt shows of the running domain after the snapshot: the leaf, its backing nested."""
+        live = stored()
+        disk = live.devices.by_alias("ua-disk-root")
+        disk.source_file, disk.driver_type = chain.active.path, chain.active.format
+        store = ET.SubElement(disk.element, "backingStore", type="file")
+        ET.SubElement(store, "format", type="qcow2")
+        ET.SubElement(store, "source", file=chain.backing[0].path)
+        ET.SubElement(store, "backingStore")
+        return DomainConfig.from_xml(live.to_xml())
+
+    live = live_on(LEAF)
+    obj = vm(status={"domain": {"uuid": UID}})
+    wanted = stored(record_from(stored({"root": LEAF}), obj))
+    p = plan(wanted, live, wanted, caps=HostCaps(cpus=4))
+    assert p.converged and p.steps == [] and p.restart == []
+    # the spec's path alone (what rendering did before the record) would ask for a restart on the old file
+    assert plan(stored(), live, stored(), caps=HostCaps(cpus=4)).restart == ["disks[root]"]
