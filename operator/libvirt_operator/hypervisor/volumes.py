@@ -15,7 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
@@ -63,7 +63,7 @@ async def ensure_dir_pool(host: Host, name: str, path: str) -> None:
             xml = (f"<pool type='dir'><name>{escape(name)}</name>"
                    f"<target><path>{escape(path)}</path></target></pool>")
             pool = conn.storagePoolDefineXML(xml, 0)
-            pool.build(libvirt.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE)
+            pool.build(0)  # mkdir -p (NO_OVERWRITE would try to format a source device)
             pool.setAutostart(1)
         if _pool_path(pool) != os.path.normpath(path):
             raise HypervisorError("PoolMismatch", f"pool {name} is over {_pool_path(pool)}, not {path}")
@@ -109,14 +109,15 @@ async def volume(host: Host, path: str) -> Volume:
     return await host.run(lambda: _describe(_volume_by_path(host.connection(), path)), fallback="VolumeFailed")
 
 
-async def create_overlay_volume(host: Host, pool: str, name: str, backing: str, backing_format: str,
-                                capacity: int) -> str:
-    """A new qcow2 volume `name` in `pool` whose backing file is `backing` (a file on that host); returns its path.
-    libvirt runs qemu-img on the host itself. VolumeExists when the pool holds that name already."""
+async def create_volume(host: Host, pool: str, name: str, capacity: int, *, backing: str | None = None,
+                        backing_format: str = "qcow2") -> str:
+    """A new qcow2 volume `name` of `capacity` bytes in `pool`, empty, or an overlay on `backing` (a file on that
+    host) when given; returns its path. libvirt runs qemu-img on that host itself, so this works remotely (e.g.
+    a target node's leaves before a migration with local disks). VolumeExists when the pool has that name."""
+    backing_xml = (f"<backingStore><path>{escape(backing)}</path><format type={quoteattr(backing_format)}/>"
+                   f"</backingStore>" if backing else "")
     xml = (f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{int(capacity)}</capacity>"
-           f"<target><format type='qcow2'/></target>"
-           f"<backingStore><path>{escape(backing)}</path><format type='{escape(backing_format)}'/></backingStore>"
-           f"</volume>")
+           f"<target><format type='qcow2'/></target>{backing_xml}</volume>")
 
     def blocking() -> str:
         p = host.connection().storagePoolLookupByName(pool)
