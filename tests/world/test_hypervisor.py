@@ -414,7 +414,7 @@ def test_host_reconnects_after_libvirtd_restart(world_dir, guest_image, storage_
     (node,) = start_nodes(world_dir, [unique("hv-restart")])
     name = unique()
     console_log = storage_dir / f"{name}.console.log"
-    host = Host(node.uri)
+    host = Host(node.uri, connections=3)  # the whole pool reconnects
     log = EventLog()
     try:
         host.subscribe(log)
@@ -447,6 +447,29 @@ def test_host_reconnects_after_libvirtd_restart(world_dir, guest_image, storage_
     finally:
         run(host.close())
         node.stop()
+
+
+def test_a_pool_of_connections_spreads_domains_and_keeps_each_on_one(node, guest_image, storage_dir):
+    """libvirtd serves 5 calls per connection at a time: a Host with a pool sends each domain's calls to
+    one connection of it, chosen by UUID, and the domains of a node spread over the pool."""
+    host = Host(node.uri, connections=4)
+    names = [unique("pool") for _ in range(8)]
+    try:
+        run(host.connect())
+        guests = [run(host.define(guest_domain_xml(guest_image, n, storage_dir / f"{n}.console.log")))
+                  for n in names]
+        conns = [run(g.call(lambda d: d.connect())) for g in guests]
+        assert len({id(c) for c in conns}) >= 2, "the domains all went to one connection"
+        for g, c in zip(guests, conns, strict=True):
+            again = run(host.lookup(g.uuid))
+            assert run(again.call(lambda d: d.connect())) is c, "a domain's calls stay on its connection"
+            assert run(g.state()).state == "shutoff"
+    finally:
+        for n in names:
+            found = run(host.lookup_by_name(n))
+            if found is not None:
+                run(found.undefine())
+        run(host.close())
 
 
 def test_calls_during_an_outage_raise_connection_lost(world_dir):

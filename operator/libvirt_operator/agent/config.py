@@ -18,7 +18,11 @@ class AgentConfig:
     console_log_dir: Path = Path("/var/log/libvirt/qemu")
     resync_seconds: float = 30.0
     heartbeat_seconds: float = 10.0
-    workers: int = 16
+    # Reconcile workers: a pass that starts a domain holds its worker for the whole createWithFlags
+    # (seconds under TCG), so a burst of 50 starts needs about as many; asyncio tasks are cheap, the
+    # libvirt threads (workers + 8) and connections bound what runs at once.
+    workers: int = 48
+    libvirt_connections: int = 8  # libvirtd runs 5 calls per connection at a time (max_client_requests)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -37,4 +41,8 @@ class AgentConfig:
             kwargs["console_log_dir"] = Path(env["LVO_CONSOLE_LOG_DIR"])
         if env.get("LVO_RESYNC_SECONDS"):
             kwargs["resync_seconds"] = float(env["LVO_RESYNC_SECONDS"])
+        if env.get("LVO_WORKERS"):
+            kwargs["workers"] = int(env["LVO_WORKERS"])
+        if env.get("LVO_LIBVIRT_CONNECTIONS"):
+            kwargs["libvirt_connections"] = int(env["LVO_LIBVIRT_CONNECTIONS"])
         return cls(**kwargs)

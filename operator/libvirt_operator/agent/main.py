@@ -34,7 +34,9 @@ class Agent:
         self.store = VMStore()
         # One libvirt thread per reconcile worker (plus spares for event-driven lookups), so a
         # burst of VM starts is not queued behind a smaller thread pool.
-        self.host = Host(cfg.libvirt_uri, workers=cfg.workers + 8)
+        # libvirtd runs 5 calls per client connection at a time: a pool of connections lets a burst
+        # of starts (each createWithFlags holds its call for the whole boot) proceed side by side.
+        self.host = Host(cfg.libvirt_uri, workers=cfg.workers + 8, connections=cfg.libvirt_connections)
         self.reconciler = Reconciler(cfg, metrics.timed_host(self.host), self.store)
         self.queue = WorkQueue(self.reconciler, workers=cfg.workers)
         self.snapshots = self.reconciler.snapshots

@@ -106,7 +106,7 @@ class Guest(TuningMixin, SnapshotMixin, MigrationMixin):
     def domain(self) -> libvirt.virDomain:
         """The virDomain on the current connection (blocking if it must be looked up again:
         call it from inside Host.run). For calls this class does not wrap."""
-        conn = self._host.connection()
+        conn = self._host.connection_for(self._uuid)
         if self._dom.connect() is not conn:
             self._dom = conn.lookupByUUIDString(self._uuid)
         return self._dom

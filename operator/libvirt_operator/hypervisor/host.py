@@ -1,4 +1,8 @@
-"""Host: one libvirt connection that keeps itself alive, and the domains behind it.
+"""Host: libvirt connections that keep themselves alive, and the domains behind them.
+
+libvirtd serves at most `max_client_requests` (5 by default) calls of one client connection at
+a time, so a Host opens a small pool: the first connection carries the event callbacks and the
+host-wide calls, and each domain's calls go to one connection of the pool, chosen by its UUID.
 
 Every libvirt call blocks, so all of them run in this Host's worker threads; only
 libvirt's event dispatch (via libvirtaio) and the subscribers run on the asyncio loop.
@@ -11,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,18 +53,26 @@ def _version(n: int) -> str:
 
 
 class _Link:
-    """One opened connection and the callbacks registered on it."""
+    """The opened connections: the first with the callbacks registered on it, and the pool's others."""
 
     def __init__(self, conn: libvirt.virConnect):
         self.conn = conn
+        self.others: list[libvirt.virConnect] = []
         self.callback_ids: list[int] = []
-        self.lost = False  # set by the close callback, from any thread
+        self.lost = False  # set by a close callback, from any thread
+
+    def for_key(self, key: str) -> libvirt.virConnect:
+        if not self.others:
+            return self.conn
+        conns = (self.conn, *self.others)
+        return conns[zlib.crc32(key.encode()) % len(conns)]
 
 
 class Host(HostSnapshotMixin):
     def __init__(self, uri: str, *, keepalive: tuple[int, int] = (5, 3), max_backoff: float = 5.0,
-                 workers: int = 8):
+                 workers: int = 8, connections: int = 1):
         self.uri = uri
+        self._connections = max(1, connections)
         self._keepalive = keepalive
         self._max_backoff = max_backoff
         self._workers = workers
@@ -84,6 +97,13 @@ class Host(HostSnapshotMixin):
         if link is None or link.lost:
             raise HypervisorError("ConnectionLost", f"not connected to {self.uri}")
         return link.conn
+
+    def connection_for(self, key: str) -> libvirt.virConnect:
+        """The pool's connection for a domain (by UUID): the same one for every call on it."""
+        link = self._link
+        if link is None or link.lost:
+            raise HypervisorError("ConnectionLost", f"not connected to {self.uri}")
+        return link.for_key(key)
 
     async def connect(self) -> None:
         """Opens the connection (HypervisorError ConnectionFailed if libvirt refuses); after
@@ -118,6 +138,11 @@ class Host(HostSnapshotMixin):
                 link.conn.registerCloseCallback(self._on_close, link)
                 for event_id, callback in events.domain_callbacks(self._emit):
                     link.callback_ids.append(link.conn.domainEventRegisterAny(None, event_id, callback, None))
+                for _ in range(self._connections - 1):
+                    other = libvirt.open(self.uri)
+                    link.others.append(other)
+                    other.setKeepAlive(*self._keepalive)
+                    other.registerCloseCallback(self._on_close, link)
             except libvirt.libvirtError:
                 self._discard(link)
                 raise
@@ -179,6 +204,8 @@ class Host(HostSnapshotMixin):
     def _discard(link: _Link) -> None:
         """Drops a connection, best effort (it may already be dead). Blocking."""
         drops = [lambda i=i: link.conn.domainEventDeregisterAny(i) for i in link.callback_ids]
+        for other in link.others:
+            drops += [other.unregisterCloseCallback, other.close]
         for drop in [*drops, link.conn.unregisterCloseCallback, link.conn.close]:
             with contextlib.suppress(libvirt.libvirtError):
                 drop()
@@ -253,7 +280,7 @@ class Host(HostSnapshotMixin):
         return [Guest(self, d) for d in doms]
 
     async def lookup(self, uuid: str) -> Guest | None:
-        return await self._lookup(lambda: self.connection().lookupByUUIDString(uuid))
+        return await self._lookup(lambda: self.connection_for(uuid).lookupByUUIDString(uuid))
 
     async def lookup_by_name(self, name: str) -> Guest | None:
         return await self._lookup(lambda: self.connection().lookupByName(name))
