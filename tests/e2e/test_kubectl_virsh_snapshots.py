@@ -204,15 +204,20 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
         guest_run(dom, "echo x > /tmp/marker-after")
         up_at_revert = uptime(dom)
 
-    # Delete: the snapshot goes, its memory file with it; the VM's chain stays whole and the VM runs on.
+    # Delete (S8): the snapshot goes and its memory file with it. Its files are in the VM's running chain, so
+    # the leaf above each is merged into it (active commit + pivot): the VM runs on its first files again,
+    # now holding the newest data, and the leaves are gone. The same QEMU throughout.
+    leaves = [disk_status(vms.get(vm_name), name)["path"] for name in ("root", "data")]
     out = ok(virsh("snapshot-delete", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60))
     assert f"{vm_name}: snapshot s1 deleted" in out
     assert snapshots.get("s1") is None and not Path(mem).exists()
-    vm = vms.get(vm_name)
-    for name in ("root", "data"):
-        for path in assert_chain_sound(disk_status(vm, name)):
-            assert Path(path).exists()
-    assert vms.domain(vm).isActive() and read_disk(dom, DATA_SECTORS) == "after-the-revert"
+    vm = vms.wait(vm_name, lambda v: [disk_status(v, n)["path"] for n in ("root", "data")] == [str(root), str(data)],
+                  "the VM back on its merged first files", 60)
+    for name, base in (("root", root), ("data", data)):
+        assert assert_chain_sound(disk_status(vm, name)) == [str(base)]
+    assert not any(Path(p).exists() for p in leaves), leaves
+    assert vms.domain(vm).UUIDString() == dom.UUIDString() and vms.domain(vm).isActive()
+    assert read_disk(dom, DATA_SECTORS) == "after-the-revert" and markers(dom) == {"before", "after"}
 
 
 # -- save / restore -------------------------------------------------------------------------------

@@ -152,13 +152,24 @@ def test_bad_command_lines_are_refused_with_the_reason(argv, message):
         plan(f"snapshot-create-as web s1 {argv}", vm3())
 
 
-def test_a_memory_snapshot_needs_a_running_vm_without_passthrough():
-    with pytest.raises(Refused, match="not running"):
-        plan("snapshot-create-as web s1", vm3(powerState="Stopped"))
+def test_a_snapshot_needs_a_running_vm_and_one_with_memory_no_passthrough():
+    for argv in ("snapshot-create-as web s1", "snapshot-create-as web s1 --disk-only"):
+        with pytest.raises(Refused, match="VMNotRunning"):
+            plan(argv, vm3(powerState="Stopped"))
+    stopped_by_itself = vm3(status={"phase": "Stopped"})
+    with pytest.raises(Refused, match="VMNotRunning"):
+        plan("snapshot-create-as web s1", stopped_by_itself)
+    gpu = vm3(hostDevices=[{"name": "gpu", "type": "pci", "address": "0000:01:00.0"}])
     with pytest.raises(Refused, match="PassthroughDevice"):
-        plan("snapshot-create-as web s1", vm3(hostDevices=[{"name": "gpu", "type": "pci", "address": "0000:01:00.0"}]))
-    # a disk-only one is fine for either
-    created("snapshot-create-as web s1 --disk-only", vm3(powerState="Stopped"))
+        plan("snapshot-create-as web s1", gpu)
+    created("snapshot-create-as web s1 --disk-only", gpu)  # no memory: fine
+    created("snapshot-create-as web s1", vm3(powerState="Paused"))
+
+
+def test_a_vm_without_a_disk_to_snapshot_is_refused():
+    kernel_only = make_vm(disks=[{"name": "iso", "device": "cdrom", "path": f"{IMG}/a.iso"}])
+    with pytest.raises(Refused, match="no disk to snapshot \\(cdroms"):
+        plan("snapshot-create-as web s1", kernel_only)
 
 
 def test_for_clone_takes_every_disk():
@@ -210,7 +221,7 @@ def test_save_is_a_copy_snapshot_with_the_memory_in_the_file_leaving_the_vm_stop
     assert "stopAfter" not in body["spec"] and body["metadata"]["name"].startswith("web-save-")
     with pytest.raises(Refused, match="absolute host path"):
         plan("save web web.save", vm3())
-    with pytest.raises(Refused, match="not running"):
+    with pytest.raises(Refused, match="VMNotRunning"):
         plan(f"save web {IMG}/x", vm3(powerState="Stopped"))
 
 

@@ -208,12 +208,11 @@ def snapshot_body(vm: dict, args: argparse.Namespace) -> tuple[dict, list[str]]:
             raise Refused("--reuse-external is for external snapshots: a copy never reuses a file")
     if args.stop_after and method != "Copy":
         raise Refused("--stop-after (--halt) applies to --copy: an external snapshot leaves the VM running")
-    if memory:
-        if spec(vm).get("hostDevices"):
-            raise Refused(f"{name} has host devices passed through: its memory cannot be saved (PassthroughDevice);"
-                          " use --disk-only")
-        if power_state(vm) == "Stopped" or (vm.get("status") or {}).get("phase") == "Stopped":
-            raise Refused(f"{name} is not running: a snapshot with memory needs a running VM; use --disk-only")
+    if power_state(vm) == "Stopped" or (vm.get("status") or {}).get("phase") == "Stopped":
+        raise Refused(f"{name} is not running: snapshots are taken of a running (or paused) VM (VMNotRunning)")
+    if memory and spec(vm).get("hostDevices"):
+        raise Refused(f"{name} has host devices passed through: its memory cannot be saved (PassthroughDevice); "
+                      "use --disk-only")
 
     entries: list[dict] = []
     for text in args.diskspec:
@@ -234,8 +233,9 @@ def snapshot_body(vm: dict, args: argparse.Namespace) -> tuple[dict, list[str]]:
                           "--for-clone for a clone source")
     left_out = {e["name"] for e in entries if e.get("snapshot") == "no"}
     taken = [d["name"] for d in disks(vm) if snapshottable(d) and d["name"] not in left_out]
-    if not taken and not memory:
-        raise Refused(f"{name}: no disk to snapshot" + (f" besides the system disk {system}" if system else ""))
+    if not taken:
+        besides = f" besides the system disk {system}" if system and not memory and not for_clone else ""
+        raise Refused(f"{name}: no disk to snapshot{besides} (cdroms, read-only disks and snapshot=no are left out)")
 
     snap_spec: dict[str, Any] = {"vmName": name, "method": method, "memory": memory}
     if memory_path:
