@@ -125,6 +125,7 @@ class VM:
         self.ready_marker = ready_marker
         self.uuid = guest.uuid
         self.uptimes: list[float] = []
+        self.agent_waits: list[float] = []
 
     @property
     def host(self) -> Host:
@@ -137,6 +138,10 @@ class VM:
         self.node = node
         self.guest = run(self.world.hosts[node].lookup(self.uuid))
         assert self.guest is not None, f"{self.uuid} not on {node}"
+        t0 = time.monotonic()
+        self.wait_agent()  # qemu-ga reconnects to the new QEMU's channel (agent-lifecycle connected)
+        self.agent_waits.append(round(time.monotonic() - t0, 3))
+        fact("agent_seconds_after_arrival", self.agent_waits)
 
     def sh(self, script: str, timeout: float = 60) -> str:
         return guest_sh(self.dom(), script, timeout)
@@ -514,3 +519,61 @@ def test_m4_throttled_migration_retuned_then_aborted_stays_on_the_source(world, 
     with pytest.raises(HypervisorError) as caught:
         run(guest.abort_job())
     fact("m4.abort_without_job", f"{caught.value.reason}: {caught.value.message}")
+
+
+# -- auto-converge -------------------------------------------------------------------------------------------
+
+NO_CONVERGE_TIMEOUT = 45.0  # the run without auto-converge is aborted after this long
+BUSY = {"unsafe": True, "bandwidth_mib": 16, **LOCAL}  # the same run both times, but for AUTO_CONVERGE
+
+
+def test_auto_converge_lets_a_guest_that_dirties_memory_finish(world, vm):
+    assert vm.node == "node-a"
+    # A writer loop rewriting 32 MiB of the guest's RAM (its tmpfs) in place, as fast as the vCPU goes.
+    writer = vm.sh("dd if=/dev/urandom of=/tmp/hot-src bs=1M count=32 2>/dev/null; "
+                   "(while :; do dd if=/tmp/hot-src of=/tmp/hot-dst bs=1M conv=notrunc 2>/dev/null; done) "
+                   ">/dev/null 2>&1 </dev/null & echo $!", timeout=120).strip()
+    vm.mark("before-ac")
+    Story.markers.add("before-ac")
+    pid = qemu_pid(vm.uuid)
+    guest, dest = vm.guest, world.nodes["node-b"].uri
+
+    async def without_auto_converge():
+        task = asyncio.ensure_future(guest.migrate(dest, MigrationOptions(**BUSY)))
+        samples: list[JobStats] = []
+        await guest.wait_job_active(60)
+        deadline = time.monotonic() + NO_CONVERGE_TIMEOUT
+        async for stats in guest.follow_job(1.0):
+            samples.append(stats)
+            if time.monotonic() > deadline:
+                await guest.abort_job()
+                break
+        try:
+            await task
+        except HypervisorError as err:
+            return err.reason, samples
+        return "Completed", samples
+
+    outcome, samples = run(without_auto_converge(), MIGRATION_TIMEOUT)
+    fact("ac.without.outcome", outcome)
+    fact("ac.without.iterations", max((s.iteration or 0 for s in samples), default=None))
+    fact("ac.without.max_dirty_rate_bytes", max((s.dirty_rate_bytes or 0 for s in samples), default=None))
+    fact("ac.without.remaining_bytes", [s.data_remaining for s in samples[-5:]])
+    fact("ac.without.throttle_seen", sorted({s.auto_converge_throttle for s in samples} - {None}))
+    assert outcome == "MigrationAborted"  # did not converge within the timeout
+    vm.nowhere_but("node-a")
+    assert qemu_pid(vm.uuid) == pid
+
+    options = MigrationOptions(auto_converge=True, auto_converge_initial=60, auto_converge_increment=20, **BUSY)
+    mark = marks(world)
+    samples, seconds = run(migrate_sampling(guest, dest, options, interval=1.0), MIGRATION_TIMEOUT)
+    wait_stopped(world, "node-a", mark, vm.uuid)
+    record_migration(world, "ac.with", samples, seconds, mark, vm.uuid)
+    fact("ac.with.throttle_seen", sorted({s.auto_converge_throttle for s in samples} - {None}))
+    fact("ac.with.max_dirty_rate_bytes", max((s.dirty_rate_bytes or 0 for s in samples), default=None))
+    vm.on("node-b")
+    vm.nowhere_but("node-b")
+    fact("ac.with.destination_completed_stats", stats_fact(run(vm.guest.job_stats(completed=True))))
+    vm.sh(f"kill -0 {writer}")  # the writer ran through the migration
+    vm.sh(f"kill {writer}")
+    vm.prove_same_guest(Story.boot_id, Story.markers, Story.disk)
