@@ -30,7 +30,7 @@ from libvirt_operator.agent.snapshots import common
 from libvirt_operator.agent.snapshots.common import blocking
 from libvirt_operator.agent.snapshots.plan import EXTERNAL, Refusal, RevertPlan, plan_revert, sanitize
 from libvirt_operator.domain.snapshot import retarget_disks
-from libvirt_operator.hypervisor import Guest, HypervisorError
+from libvirt_operator.hypervisor import Guest, HypervisorError, readxml
 from libvirt_operator.storage import Chain, StorageError, images
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ async def _start(ctx: JobContext, guest: Guest, plan: RevertPlan) -> None:
         if plan.memory_file:
             xml = await ctx.host.save_image_xml(plan.memory_file)
             if plan.method == EXTERNAL:
-                xml = retarget_disks(xml, plan.leaves)
+                xml = await _restore_xml(guest, xml, plan)
             await ctx.host.restore(plan.memory_file, xml, paused=paused, running=not paused)
         else:
             await guest.start(paused=paused)
@@ -179,6 +179,20 @@ async def _start(ctx: JobContext, guest: Guest, plan: RevertPlan) -> None:
     if plan.method == EXTERNAL:
         with contextlib.suppress(HypervisorError):  # the live metadata: the restored XML carried the old record
             await ctx.record(guest, await _new_chains(ctx, guest, plan))
+
+
+async def _restore_xml(guest: Guest, saved_xml: str, plan: RevertPlan) -> str:
+    """The memory file's XML with each reverted disk on its new leaf, and every other disk on the file it
+    runs on now (the saved XML names the files of the snapshot's time)."""
+    xml = retarget_disks(saved_xml, plan.leaves)
+    present = {s.target for s in readxml.disk_sources(xml)}
+    others: dict[str, dict[str, str]] = {}
+    for state in (await common.disk_states(guest, inactive=True)).values():
+        if state.target in present and state.target not in plan.leaves:
+            others.setdefault(state.chain.active.format or "qcow2", {})[state.target] = state.chain.active.path
+    for fmt, leaves in others.items():
+        xml = retarget_disks(xml, leaves, fmt)
+    return xml
 
 
 async def _safety(ctx: JobContext, guest: Guest, plan: RevertPlan) -> None:
