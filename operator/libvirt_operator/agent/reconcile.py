@@ -20,6 +20,8 @@ from libvirt_operator.agent.jobs import JobRunner
 from libvirt_operator.agent.liveupdate.apply import LiveUpdater
 from libvirt_operator.agent.liveupdate.plan import HostCaps, plan
 from libvirt_operator.agent.qos import QosApplier
+from libvirt_operator.agent.snapshots import clone
+from libvirt_operator.agent.snapshots.plan import Refusal
 from libvirt_operator.agent.store import Key, VMStore
 from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
@@ -32,6 +34,7 @@ from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
 from libvirt_operator.kube import events, resources
 from libvirt_operator.metrics import agent as metrics
+from libvirt_operator.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 COMPONENT = "libvirt-operator-agent"
@@ -121,6 +124,11 @@ class Reconciler:
         if meta.AGENT_FINALIZER not in (md.get("finalizers") or []):
             obj = await self.set_finalizer(obj, add=True)
 
+        cloned: dict = {}
+        if spec.clone_from is not None and guest is None:  # S7: this VM's leaves over a snapshot's files
+            cloned = await self._clone_leaves(obj)
+            if cloned is None:
+                return 10.0
         problem = checks.paths(spec, self.cfg.storage_roots)
         if problem is not None and not (problem.reason == "FileNotFound" and guest is not None):
             await self._failed(obj, problem.reason, problem.message, guest)
@@ -131,7 +139,8 @@ class Reconciler:
         try:
             wanted = self.renders.render(obj, runnable, domain_type=self._domain_type(spec),
                                          console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"),
-                                         without=frozenset(unavailable), disk_chains=disks.record_from(stored, obj))
+                                         without=frozenset(unavailable),
+                                         disk_chains=disks.record_from(stored, obj) or cloned)
         except RenderError as exc:
             await self._failed(obj, "InvalidSpec", str(exc), guest)
             return None
@@ -258,6 +267,20 @@ class Reconciler:
             if disk.alias in sizes and disk.target_dev:
                 out[disk.alias] = (await guest.block_info(disk.target_dev))[0]
         return out
+
+    async def _clone_leaves(self, obj: dict) -> dict | None:
+        """The clone's disk chains, its leaves made over the forClone snapshot (None: reported, not yet)."""
+        ns, source = obj["metadata"]["namespace"], obj["spec"]["cloneFrom"]["snapshot"]
+        snap = self.snapshots.get((ns, source))
+        if snap is None or (snap.get("status") or {}).get("phase") != "Ready":
+            await self._failed(obj, "CloneSourceNotReady", f"VMSnapshot {ns}/{source} is not Ready on node "
+                               f"{self.cfg.node_name}")
+            return None
+        try:
+            return await asyncio.to_thread(clone.leaves, obj["spec"], snap, tuple(map(str, self.cfg.storage_roots)))
+        except (StorageError, Refusal) as exc:
+            await self._failed(obj, exc.reason, exc.message)
+            return None
 
     def _domain_type(self, spec: VirtualMachineSpec) -> str:
         if spec.domain_type != "auto":

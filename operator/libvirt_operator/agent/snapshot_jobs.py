@@ -13,8 +13,10 @@ import logging
 
 from kubernetes.client.exceptions import ApiException
 
+from libvirt_operator.agent import disks
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobContext, JobRunner, Running
+from libvirt_operator.agent.snapshots import create, delete, revert
 from libvirt_operator.agent.store import Key, VMStore, key_of
 from libvirt_operator.api import meta
 from libvirt_operator.api.base import utcnow
@@ -50,7 +52,7 @@ class SnapshotJobs:
         self._tasks: set[asyncio.Task] = set()
 
     def _spawn(self, key: Key) -> None:
-        task = self._spawn(key)
+        task = asyncio.ensure_future(self.handle(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -124,14 +126,12 @@ class SnapshotJobs:
     async def _create(self, key: Key, vm: dict) -> None:
         snap = self.snapshots.get(key)
         if snap is not None:
-            from libvirt_operator.agent.snapshots import create
             await create.run(await self._context(snap, vm))
 
     async def _delete(self, key: Key, vm: dict | None) -> None:
         snap = self.snapshots.get(key)
         if snap is None:
             return
-        from libvirt_operator.agent.snapshots import delete
         if await delete.run(await self._context(snap, vm)):
             await self._finalizer(self.snapshots.get(key) or snap, add=False)
         else:
@@ -167,13 +167,11 @@ class SnapshotJobs:
                                     "message": f"VMSnapshot {vm_key[0]}/{snap_name} does not exist on node "
                                     f"{self.cfg.node_name}"})
             return
-        from libvirt_operator.agent.snapshots import revert
         await revert.run(ctx, id_)
 
     # -- the context a job reports through --------------------------------------------------------
 
     async def _context(self, snap: dict, vm: dict | None) -> JobContext:
-        from libvirt_operator.agent import disks
         guest = await self.host.lookup(vm["metadata"]["uid"]) if vm is not None else None
         key = key_of(snap)
         vm_key = key_of(vm) if vm is not None else None
