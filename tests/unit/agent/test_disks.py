@@ -140,3 +140,16 @@ def test_the_planner_sees_nothing_to_do_for_a_vm_running_on_its_recorded_leaf():
     assert p.converged and p.steps == [] and p.restart == []
     # the spec's path alone (what rendering did before the record) would ask for a restart on the old file
     assert plan(stored(), live, stored(), caps=HostCaps(cpus=4)).restart == ["disks[root]"]
+
+
+def test_the_render_cache_renders_again_for_a_changed_record():
+    from libvirt_operator.agent.define import RenderCache
+
+    cache, obj = RenderCache(), vm()
+    obj["metadata"]["generation"] = 3
+    spec = VirtualMachineSpec.model_validate(SPEC)
+    args = dict(domain_type="qemu", console_log="/logs/web.log")
+    source = lambda dom: dom.devices.by_alias("ua-disk-root").source_file  # noqa: E731
+    assert source(cache.render(obj, spec, **args)) == "/img/root.qcow2"
+    assert source(cache.render(obj, spec, **args, disk_chains={"root": LEAF})) == "/img/root.s1.qcow2"
+    assert source(cache.render(obj, spec, **args, disk_chains={})) == "/img/root.qcow2"
