@@ -197,7 +197,7 @@ def test_S3_S4_memory_snapshot_revert_twice_and_delete(vms, snaps, cluster, vm_n
 
     write_data(dom, "AFTER-SNAPSHOT")
     mark(dom, "after")
-    up_before_revert = uptime(dom)
+    time.sleep(5)  # a gap between the snapshot point and the revert, for the uptime proof below
     # an unrelated spec edit keeps the VM on its recorded leaf
     gen = vms.patch_spec(vm_name, {"shutdown": {"mode": "acpi", "timeoutSeconds": 61}})["metadata"]["generation"]
     vms.wait(vm_name, lambda v: v["status"].get("observedGeneration", 0) >= gen, "the edit applied")
@@ -205,16 +205,20 @@ def test_S3_S4_memory_snapshot_revert_twice_and_delete(vms, snaps, cluster, vm_n
     assert read_data(dom) == "AFTER-SNAPSHOT"
 
     for n in (1, 2):
+        up_before, wall_before = uptime(dom), time.monotonic()
         vm = revert(vms, vm_name, "s1", f"r{n}")
         dom = wait_agent(vms, vm_name)
         assert markers(dom) == {"before"}, "RAM as it was at the snapshot"
+        # No reboot (the uptime is past the snapshot's), and it went back: had the guest run on, it would
+        # be up_before + the wall time since; the snapshot's point lies at least 5 s before up_before.
         up = uptime(dom)
-        assert up_at_snapshot <= up < up_before_revert, (up_at_snapshot, up, up_before_revert)
+        assert up_at_snapshot <= up < up_before + (time.monotonic() - wall_before), (up_at_snapshot, up, up_before)
         assert read_data(dom) == "AT-SNAPSHOT"
         new_leaf = status_disk(vm, "data")["path"]
         assert new_leaf not in (leaf, data) and chain(new_leaf) == [new_leaf, data]
         check_clean(new_leaf, data, root)
         mark(dom, f"after-revert-{n}")
+        time.sleep(5)
     assert not os.path.exists(leaf), "the leaf left behind by the revert served nothing and was removed"
 
     snaps.delete("s1")
