@@ -62,6 +62,9 @@ class Status:
         self.ctx = ctx
         self.fields: dict = dict(ctx.snapshot.get("status") or {})
 
+    def __getitem__(self, key: str):
+        return self.fields[key]
+
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
 
