@@ -23,7 +23,7 @@ from tests.e2e.vmtools import NS, guest_run, wait_guest
 
 REPO = Path(__file__).resolve().parents[2]
 GAP = 60  # seconds of guest uptime between the snapshot point and a revert
-JOB = 600  # seconds a snapshot or revert job may take on a loaded two-core machine (TCG)
+JOB = 300  # seconds a snapshot or revert job may take on a loaded two-core machine (TCG)
 SNAPSHOT_VERBS = ("snapshot-create-as", "snapshot-list", "snapshot-revert", "snapshot-delete", "save", "restore")
 EXAMPLES = ("vmsnapshot-memory.yaml", "vmsnapshot-data-disks.yaml", "vmsnapshot-raw-copy.yaml", "vm-clone.yaml",
             "vm-revert.yaml")
@@ -155,6 +155,14 @@ ROOT_SECTORS, DATA_SECTORS = 131072, 65536  # 64M and 32M
 
 # -- create / list / revert / delete ----------------------------------------------------------------
 
+def done(result: subprocess.CompletedProcess, *objects: dict | None) -> str:
+    """ok(result), naming the objects' status when it failed."""
+    assert result.returncode == 0, (f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
+                                    + "\n".join(json.dumps((o or {}).get("status"), default=str) for o in objects))
+    return result.stdout
+
+
+@pytest.mark.timeout(2400)
 def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, vm_name, snapshots):
     snapshots.vms_seen.append(vm_name)
     root, data = image(cluster, f"{vm_name}-root", "64M"), image(cluster, f"{vm_name}-data", "32M")
@@ -170,7 +178,8 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
     refused(virsh("snapshot-create-as", vm_name, "d1", "--disk-only", "--diskspec", "root"), "SystemDiskSnapshot")
     assert snapshots.get("d1") is None
 
-    out = ok(virsh("snapshot-create-as", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60))
+    result = virsh("snapshot-create-as", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60)
+    out = done(result, snapshots.get("s1"), vms.get(vm_name))
     assert f"{vm_name}: snapshot s1 requested (external, memory) (vmsnapshot s1 created)" in out
     assert f"{vm_name}: snapshot s1 Ready:" in out
     snap = snapshots.get("s1")
@@ -199,7 +208,8 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
         # The guest's clock runs well past the snapshot point first, so that "continues from the snapshot's
         # uptime" is told apart from "kept running" (an ordering of values, not a duration).
         up_at_revert = wait_uptime_past(dom, up_before + GAP)
-        out = ok(virsh("snapshot-revert", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60))
+        result = virsh("snapshot-revert", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60)
+        out = done(result, vms.get(vm_name), snapshots.get("s1"))
         assert "revert to snapshot s1 requested" in out and "Succeeded" in out, out
         vm = vms.get(vm_name)
         rid = vm["spec"]["revert"]["id"]
@@ -220,7 +230,8 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
     # the leaf above each is merged into it (active commit + pivot): the VM runs on its first files again,
     # now holding the newest data, and the leaves are gone. The same QEMU throughout.
     leaves = [disk_status(vms.get(vm_name), name)["path"] for name in ("root", "data")]
-    out = ok(virsh("snapshot-delete", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60))
+    result = virsh("snapshot-delete", vm_name, "s1", "--wait", "--timeout", str(JOB), timeout=JOB + 60)
+    out = done(result, snapshots.get("s1"), vms.get(vm_name))
     assert f"{vm_name}: snapshot s1 deleted" in out
     assert snapshots.get("s1") is None and not Path(mem).exists()
     vm = vms.wait(vm_name, lambda v: [disk_status(v, n)["path"] for n in ("root", "data")] == [str(root), str(data)],
@@ -234,6 +245,7 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
 
 # -- save / restore -------------------------------------------------------------------------------
 
+@pytest.mark.timeout(1800)
 def test_save_then_restore_a_vm_with_a_raw_disk(virsh, vms, cluster, vm_name, snapshots):
     snapshots.vms_seen.append(vm_name)
     raw = cluster.storage_dir / f"{vm_name}-raw.img"
@@ -247,7 +259,8 @@ def test_save_then_restore_a_vm_with_a_raw_disk(virsh, vms, cluster, vm_name, sn
     up_before = uptime(dom)
     mem = cluster.storage_dir / f"{vm_name}.save"
 
-    out = ok(virsh("save", vm_name, str(mem), "--name", "sv1", "--wait", "--timeout", str(JOB), timeout=JOB + 60))
+    result = virsh("save", vm_name, str(mem), "--name", "sv1", "--wait", "--timeout", str(JOB), timeout=JOB + 60)
+    out = done(result, snapshots.get("sv1"), vms.get(vm_name))
     assert f"{vm_name}: save to {mem} requested (snapshot sv1, copy with memory, VM left stopped)" in out, out
     st = snapshots.get("sv1")["status"]
     assert st["phase"] == "Ready" and st["memoryFile"] == str(mem) and mem.stat().st_size > 0
@@ -258,7 +271,8 @@ def test_save_then_restore_a_vm_with_a_raw_disk(virsh, vms, cluster, vm_name, sn
     state, reason = vms.domain(vms.get(vm_name)).state()
     assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED), (state, reason)
 
-    out = ok(virsh("restore", str(mem), "--wait", "--timeout", str(JOB), timeout=JOB + 60))
+    result = virsh("restore", str(mem), "--wait", "--timeout", str(JOB), timeout=JOB + 60)
+    out = done(result, vms.get(vm_name), snapshots.get("sv1"))
     assert f"{vm_name}: revert to snapshot sv1 requested" in out and "Succeeded" in out, out
     dom = guest_ready(vms, vm_name)
     assert markers(dom) == {"before"} and read_disk(dom, DATA_SECTORS) == "at-the-save"
