@@ -15,14 +15,18 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from libvirt_operator.agent.jobs import JobContext
 from libvirt_operator.agent.snapshots import clone, common, create, delete, revert
 from libvirt_operator.agent.snapshots.plan import Refusal
+from libvirt_operator.domain.snapshot import external_snapshot
 from libvirt_operator.hypervisor import Host
 from libvirt_operator.storage import References, StorageError, images
 
@@ -491,6 +495,60 @@ def test_create_reentry_converges(qvm, world, roots, kill_at, after_write, expec
         assert world.delete(name, snap["metadata"]["name"]) is True
         assert vm.chains() == before
         world.assert_no_orphans_and_nothing_lost(name)
+
+
+def test_create_reentry_while_libvirt_still_takes_the_snapshot(qvm, world, roots, libvirt_nodes):
+    """Killed after the call was made: libvirtd carries on with it. The re-entered job waits for libvirt's own
+    job on the domain to end before it judges (and then finishes: the snapshot was taken)."""
+    vm, name = qvm, qvm.guest.name
+    before = vm.chains()
+    snap = world.snapshot("k-live", name, memory=True)
+    with pytest.raises(Killed):
+        world.create(name, snap, kill_at="Snapshot", kill_after_write=True)
+    st = snap["status"]
+    leaves = {d["target"]: d["activeFile"] for d in st["disks"]}
+    conn = libvirt.open(libvirt_nodes[0].uri)
+    try:
+        dom = conn.lookupByUUIDString(vm.uuid)
+        xml = external_snapshot(leaves, st["memoryFile"]).to_xml()
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+        call = threading.Thread(target=dom.snapshotCreateXML, args=(xml, flags))
+        call.start()
+        seen_job = False
+        while call.is_alive() and not seen_job:
+            seen_job = dom.jobInfo()[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
+            time.sleep(0.005)
+        assert seen_job, "libvirt's job was not seen running (the snapshot ended before the check)"
+        st = world.create(name, snap)
+        call.join()
+    finally:
+        conn.close()
+    assert st["phase"] == "Ready", st
+    assert vm.chains() == {t: before[t].with_leaf(p) for t, p in leaves.items()}
+    assert run(world.host.save_image_xml(st["memoryFile"]))
+    world.assert_no_orphans_and_nothing_lost(name)
+    assert world.delete(name, "k-live") is True
+    assert vm.chains() == before
+    world.assert_no_orphans_and_nothing_lost(name)
+
+
+def test_delete_reentry_pivots_a_ready_commit(qvm, world, roots):
+    """Killed during delete's merge, with the active commit READY but not pivoted: the next run pivots it."""
+    vm, name = qvm, qvm.guest.name
+    before = vm.chains()
+    snap = world.snapshot("k-del", name, disks=[{"name": "root", "snapshot": "no"}])
+    st = world.create(name, snap)
+    assert st["phase"] == "Ready", st
+    (d,) = st["disks"]
+    vm.write_disk(DATA_SECTORS, "K-DEL")
+    st.update(phase="Deleting", job={**st["job"], "step": "Merge"})
+    run(vm.guest.block_commit_active("vdb"))
+    run(vm.guest.wait_block_job("vdb", "ready"))
+    assert world.delete(name, "k-del") is True
+    assert run(vm.guest.block_job_info("vdb")) is None
+    assert vm.chains() == before and not os.path.exists(d["activeFile"])
+    assert vm.read_disk(DATA_SECTORS) == "K-DEL"
+    world.assert_no_orphans_and_nothing_lost(name)
 
 
 def test_revert_reentry_after_the_leaves_converges(qvm, world, roots):

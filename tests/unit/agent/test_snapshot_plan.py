@@ -249,3 +249,25 @@ def test_clone_refusals(root, tmp_path, case, reason):
     with pytest.raises(Refusal) as caught:
         plan_clone(clone, s, (str(root),))
     assert caught.value.reason == reason, caught.value
+
+
+@pytest.mark.parametrize("vm_status,vm_revert,meta,status,expected", [
+    ({}, None, {}, {}, "create"),
+    ({}, None, {}, {"phase": "InProgress"}, "create"),
+    ({}, None, {}, {"phase": "Ready"}, None),
+    ({}, None, {}, {"phase": "Failed"}, None),
+    ({}, None, {"deletionTimestamp": "t"}, {"phase": "Ready"}, "delete"),
+    ({}, None, {}, {"phase": "Deleting"}, "delete"),
+    ({"lastRevert": {"id": "r1", "result": "InProgress"}}, {"id": "r1", "snapshot": "s1"}, {}, {"phase": "Ready"},
+     "revert"),
+    ({"lastRevert": {"id": "r1", "result": "InProgress"}}, {"id": "r1", "snapshot": "other"}, {},
+     {"phase": "Ready"}, None),
+    ({"lastRevert": {"id": "r1", "result": "Succeeded"}}, {"id": "r1", "snapshot": "s1"}, {}, {"phase": "Ready"},
+     None),
+])
+def test_recover_owes_the_entry_point_the_status_names(vm_status, vm_revert, meta, status, expected):
+    from libvirt_operator.agent.snapshots.recover import owed
+
+    vm_obj = {"spec": {"revert": vm_revert} if vm_revert else {}, "status": vm_status}
+    snapshot = {"metadata": {"name": "s1", **meta}, "spec": {"vmName": "web"}, "status": status}
+    assert owed(vm_obj, snapshot) == expected

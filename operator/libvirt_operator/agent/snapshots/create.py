@@ -115,6 +115,7 @@ async def _fresh(ctx: JobContext, st: Status) -> None:
                     await blocking(images.verify_overlay, d.file, d.chain.active.path, roots=ctx.roots)
                 except StorageError as err:
                     raise Refusal(err.reason, f"disk {d.name}: {err.message}") from None
+        await _not_busy(guest, plan.disks)
     except Refusal as refused:
         return await _refuse(st, refused.reason, refused.message)
     await st.write(phase="InProgress", vmUid=(vm.get("metadata") or {}).get("uid"),
@@ -125,6 +126,17 @@ async def _fresh(ctx: JobContext, st: Status) -> None:
         await _external(ctx, st, guest, t0)
     else:
         await _copy(ctx, st, guest, t0)
+
+
+async def _not_busy(guest: Guest, disks) -> None:
+    """Refusal OperationInProgress while libvirt has a job on the domain (a migration, a save) or a block
+    job runs on one of the disks."""
+    if await common.job_active(guest):
+        raise Refusal("OperationInProgress", "libvirt has a job running on the domain (a migration or a save)")
+    for d in disks:
+        job = await guest.block_job_info(d.target)
+        if job is not None:
+            raise Refusal("OperationInProgress", f"disk {d.name} has a {job.type} block job running")
 
 
 # -- External ---------------------------------------------------------------------------------------------

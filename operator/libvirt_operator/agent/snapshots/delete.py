@@ -66,6 +66,9 @@ async def run(ctx: JobContext) -> bool:
                 await ctx.record(guest, {n: s.chain for n, s in chains.items()})
             except HypervisorError as err:
                 log.warning("record after merging: %s", err)
+    # the leaves this snapshot made, once the VM no longer runs on them (a merge before a restart, a revert)
+    candidates += [os.path.normpath(d["activeFile"]) for d in st.get("disks") or []
+                   if method == EXTERNAL and d.get("created") and d.get("activeFile")]
     await st.write(job={**(st.get("job") or {}), "step": REMOVE, "message": ""})
     existing = [p for p in dict.fromkeys(candidates) if p not in in_vm and os.path.lexists(p)]
     _, kept = await common.remove_unreferenced(ctx, existing, removing=removing, keep=in_vm)

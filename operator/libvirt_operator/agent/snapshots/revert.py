@@ -87,6 +87,8 @@ async def _run(ctx: JobContext, out: _Outcome, step: str | None) -> None:
     plan = plan_revert(vm, ctx.snapshot, out.id, disks, ctx.roots)
     steps = ORDER[plan.method]
     if step is None:
+        if (await guest.state()).state != "shutoff" and await common.job_active(guest):
+            raise Refusal("OperationInProgress", "libvirt has a job running on the domain (a migration or a save)")
         for d in plan.disks:
             fresh = d.new_file if plan.method == EXTERNAL else d.safety
             if os.path.lexists(fresh):
