@@ -167,6 +167,12 @@ def revert(vms, name: str, snapshot: str, id_: str, timeout: float = 240) -> dic
     return vms.wait(name, lambda v: condition(v, "Ready").get("status") == "True", "Ready after the revert", 120)
 
 
+def settled_on_disk(vms, name: str) -> dict:
+    """The VM once its status names an existing active file for its data disk (after a merge) and it is Ready."""
+    return vms.wait(name, lambda v: os.path.exists(status_disk(v, "data")["path"])
+                    and condition(v, "Ready").get("status") == "True", "status on the merged chain", 120)
+
+
 def files_under(cluster, prefix: str) -> set[str]:
     return {str(p) for p in (cluster.storage_dir / "images").glob(f"{prefix}*")}
 
@@ -223,7 +229,7 @@ def test_S3_S4_memory_snapshot_revert_twice_and_delete(vms, snaps, cluster, vm_n
 
     snaps.delete("s1")
     snaps.wait("s1", lambda s: s is None, "s1 gone", 180)
-    vm = vms.get(vm_name)
+    vm = settled_on_disk(vms, vm_name)
     active = status_disk(vm, "data")["path"]
     assert os.path.exists(active) and not os.path.exists(st["memoryFile"])
     check_clean(*chain(active))
@@ -314,15 +320,16 @@ def test_S7_online_clone_and_a_delete_held_by_it(vms, snaps, cluster, vm_name):
     assert qemu_pid(vm["metadata"]["uid"]) == pid, "the source kept running untouched"
 
     snaps.delete("for-clone")
-    held = snaps.wait("for-clone", lambda s: s and (s.get("status") or {}).get("phase") == "Deleting", "held", 120)
+    held = snaps.wait("for-clone", lambda s: s and (s.get("status") or {}).get("keptFiles")
+                      and condition(s, "Ready").get("reason") == "FilesHeld", "held", 120)
+    assert held["status"]["phase"] == "Deleting"
     assert any(clone_name in why for why in held["status"]["keptFiles"].values()), held["status"]
     assert all(os.path.exists(p) for p in shared.values())
     vms.delete(clone_name)
     vms.wait_gone(clone_name, 180)
     snaps.wait("for-clone", lambda s: s is None, "the snapshot deleted once no clone stands on it", 240)
     assert read_data(src) == "SOURCE-WRITES"
-    for p in chain(status_disk(vms.get(vm_name), "data")["path"]):
-        assert os.path.exists(p)
+    check_clean(*chain(status_disk(settled_on_disk(vms, vm_name), "data")["path"]))
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -408,7 +415,7 @@ def test_agent_killed_during_create_revert_and_delete_converges(vms, snaps, clus
     _kill_agent_when(cluster, node, lambda: ((snaps.get(target) or {}).get("metadata") or {}).get("deletionTimestamp")
                      is not None, "delete started")
     snaps.wait(target, lambda s: s is None, "deleted after the kill", 240)
-    vm = vms.get(vm_name)
+    vm = settled_on_disk(vms, vm_name)
     check_clean(*chain(status_disk(vm, "data")["path"]))
     assert read_data(dom_of(vms, vm_name)) == "KILL-POINT"
 
