@@ -356,9 +356,15 @@ def test_snapshot_bad_input_is_refused_and_changes_nothing(vms, snaps, cluster, 
     assert _sha(taken) == before and not os.path.exists("/etc/lvo-mem")
     assert status_disk(vms.get(vm_name), "data")["path"] == data, "the VM is still on its own disk"
 
-    vms.patch_spec(vm_name, {"revert": {"id": "x", "snapshot": "no-vm"}})
-    vm = vms.wait(vm_name, lambda v: (v["status"].get("lastRevert") or {}).get("result") == "Failed", "refused")
-    assert condition(vm, "Ready").get("status") == "True" or vm["status"]["phase"] == "Running"
+    pid = qemu_pid(vm["metadata"]["uid"])
+    for id_, target, why in (("x1", "no-such-snapshot", "does not exist"), ("x2", "exists", "SnapshotNotReady"),
+                             ("x3", "no-vm", "")):
+        vms.patch_spec(vm_name, {"revert": {"id": id_, "snapshot": target}})
+        vm = vms.wait(vm_name, lambda v, i=id_: (v["status"].get("lastRevert") or {}).get("id") == i
+                      and v["status"]["lastRevert"]["result"] == "Failed", f"revert {id_} refused")
+        assert why in vm["status"]["lastRevert"]["message"], vm["status"]["lastRevert"]
+    vm = vms.wait(vm_name, lambda v: condition(v, "Ready").get("status") == "True", "Ready after the refusals")
+    assert qemu_pid(vm["metadata"]["uid"]) == pid, "a refused revert leaves the VM running as it was"
 
 
 # -- faults: SIGKILL of the agent during create, revert and delete ---------------------------------
