@@ -16,7 +16,6 @@ import copy
 import os
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -502,6 +501,7 @@ def test_create_reentry_while_libvirt_still_takes_the_snapshot(qvm, world, roots
     job on the domain to end before it judges (and then finishes: the snapshot was taken)."""
     vm, name = qvm, qvm.guest.name
     before = vm.chains()
+    vm.sh("dd if=/dev/urandom of=/tmp/fill bs=1M count=48 2>/dev/null", timeout=180)  # a longer memory write
     snap = world.snapshot("k-live", name, memory=True)
     with pytest.raises(Killed):
         world.create(name, snap, kill_at="Snapshot", kill_after_write=True)
@@ -514,15 +514,15 @@ def test_create_reentry_while_libvirt_still_takes_the_snapshot(qvm, world, roots
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
         call = threading.Thread(target=dom.snapshotCreateXML, args=(xml, flags))
         call.start()
-        seen_job = False
-        while call.is_alive() and not seen_job:
-            seen_job = dom.jobInfo()[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
-            time.sleep(0.005)
-        assert seen_job, "libvirt's job was not seen running (the snapshot ended before the check)"
+        started = False  # libvirt creates the memory file when its job starts (jobInfo waits for the job)
+        while call.is_alive() and not started:
+            started = os.path.exists(st["memoryFile"])
+        assert started and call.is_alive(), "the snapshot ended before the re-entered job could start"
         st = world.create(name, snap)
         call.join()
     finally:
         conn.close()
+    vm.sh("rm -f /tmp/fill")
     assert st["phase"] == "Ready", st
     assert vm.chains() == {t: before[t].with_leaf(p) for t, p in leaves.items()}
     assert run(world.host.save_image_xml(st["memoryFile"]))
