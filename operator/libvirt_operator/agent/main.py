@@ -168,7 +168,7 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
         agent.on_vm_event(event)
 
     @kopf.on.event(meta.GROUP, meta.VERSION, "vmsnapshots", registry=registry)
-    def snapshot_event(event, **_):
+    async def snapshot_event(event, **_):  # in the loop: on_event spawns tasks (a sync handler runs in a thread)
         agent.on_snapshot_event(event)
 
     return agent

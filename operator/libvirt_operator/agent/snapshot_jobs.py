@@ -108,6 +108,8 @@ class SnapshotJobs:
             return
         if FINALIZER not in (md.get("finalizers") or []):
             snap = await self._finalizer(snap, add=True)
+            if self.jobs.busy(job_key):
+                return  # another event's pass started the job while the finalizer was added
         phase = st.get("phase")
         if phase in ("Ready", "Failed"):
             return
