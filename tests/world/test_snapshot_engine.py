@@ -551,6 +551,61 @@ def test_delete_reentry_pivots_a_ready_commit(qvm, world, roots):
     world.assert_no_orphans_and_nothing_lost(name)
 
 
+def test_reuse_existing_overlay_and_refusals_touch_nothing(qvm, world, roots, storage_dir):
+    vm, name = qvm, qvm.guest.name
+    before = vm.chains()
+    capacity = run(vm.guest.block_info("vdb"))[0]
+    # a pre-created overlay on another file: BackingMismatch, nothing touched
+    stranger_base = f"{storage_dir}/{name}-stranger.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", stranger_base, "32M"], check=True)
+    wrong = f"{storage_dir}/{name}-data.wrong.qcow2"
+    images.create_overlay(wrong, stranger_base, "qcow2", roots=roots)
+    listing = sorted(os.listdir(roots[0]))
+    snap = world.snapshot("k-wrong", name, memory=True,
+                          disks=[{"name": "data", "overlayPath": wrong, "reuseExisting": True}])
+    st = world.create(name, snap)
+    assert st["phase"] == "Failed" and st["conditions"][0]["reason"] == "BackingMismatch", st
+    assert vm.chains() == before and sorted(os.listdir(roots[0])) == listing
+    # an overlay path that exists without reuseExisting: FileExists, the file unchanged
+    digest = sha(wrong)
+    st = world.create(name, world.snapshot("k-exists", name, memory=True,
+                                           disks=[{"name": "data", "overlayPath": wrong}]))
+    assert st["conditions"][0]["reason"] == "FileExists" and sha(wrong) == digest and vm.chains() == before
+    for path in (wrong, stranger_base):
+        os.unlink(path)
+    del world.snapshots["k-wrong"], world.snapshots["k-exists"]
+
+    # a libvirt failure (the memory file's directory does not exist): Failed, the VM stays on its chain, the
+    # leaves it may have made are gone
+    st = world.create(name, world.snapshot("k-fail", name, memory=True, memoryPath=f"{storage_dir}/nodir/x.mem"))
+    assert st["phase"] == "Failed", st
+    print("libvirt failure reported as:", st["conditions"][0]["reason"], st["conditions"][0]["message"])
+    assert vm.chains() == before and vm.state().startswith("running/")
+    assert not any(os.path.exists(d["activeFile"]) for d in st["disks"])
+    del world.snapshots["k-fail"]
+    world.assert_no_orphans_and_nothing_lost(name)
+
+    # the right pre-created overlay (made with -u: QEMU holds the file) for data; root's leaf is generated
+    # and pre-created by the engine, so one REUSE_EXT call takes both
+    good = f"{storage_dir}/{name}-data.pre.qcow2"
+    images.create_overlay(good, before["vdb"].active.path, before["vdb"].active.format, roots=roots, size=capacity)
+    snap = world.snapshot("k-reuse", name, disks=[{"name": "data", "overlayPath": good, "reuseExisting": True}],
+                          forClone=True)
+    st = world.create(name, snap)
+    assert st["phase"] == "Ready" and "Overlays" in world.steps, st
+    disks = {d["name"]: d for d in st["disks"]}
+    assert not disks["data"]["created"] and disks["root"]["created"]
+    chains = vm.chains()
+    assert chains["vdb"] == before["vdb"].with_leaf(good)
+    assert chains["vda"] == before["vda"].with_leaf(disks["root"]["activeFile"])
+    vm.write_disk(DATA_SECTORS, "REUSED")
+    assert vm.read_disk(DATA_SECTORS) == "REUSED"
+    assert_chains_clean(vm, roots)
+    assert world.delete(name, "k-reuse") is True
+    assert vm.chains() == before and vm.read_disk(DATA_SECTORS) == "REUSED"
+    world.assert_no_orphans_and_nothing_lost(name)
+
+
 def test_revert_reentry_after_the_leaves_converges(qvm, world, roots):
     vm, name = qvm, qvm.guest.name
     vm.mark("m-late")
