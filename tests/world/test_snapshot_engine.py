@@ -670,6 +670,23 @@ def test_s1_s2_copy_on_raw_disks_and_revert_with_safety_copies(raw_vm, world, ro
     world.assert_no_orphans_and_nothing_lost(name)
 
 
+def test_copy_revert_reentry_after_the_safety_copies(raw_vm, world, roots):
+    vm, name = raw_vm, raw_vm.guest.name
+    vm.mark("late")
+    vm.write_disk(DATA_SECTORS, "RAW-C")
+    with pytest.raises(Killed):
+        world.revert(name, "c1", "rc2", write_revert_kill_at="CopyBack")
+    assert world.vms[name]["status"]["lastRevert"]["step"] == "Safety"
+    safety = [p for p in os.listdir(roots[0]) if p.endswith(".r-rc2.safety")]
+    assert len(safety) == 2 and vm.state().startswith("shutoff/")
+    outcome = world.revert(name, "c1", "rc2")
+    assert outcome["result"] == "Succeeded", outcome
+    vm.wait_agent(60)
+    assert vm.markers() == {"before"} and vm.read_disk(DATA_SECTORS) == "RAW-A"
+    assert not [p for p in os.listdir(roots[0]) if p.endswith(".safety")]
+    world.assert_no_orphans_and_nothing_lost(name)
+
+
 @pytest.mark.parametrize("kill_at,after_write", [("Copy", False), ("Restore", True)])
 def test_copy_reentry_converges(raw_vm, world, roots, kill_at, after_write):
     vm, name = raw_vm, raw_vm.guest.name
