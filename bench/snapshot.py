@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -149,6 +150,7 @@ class Watcher:
         self.wanted: dict[tuple[str, str], callable] = {}
         self.marks: dict[tuple[str, str], float] = {}
         self.last: dict[str, dict] = {}
+        self.trace: dict[str, list[tuple[float, dict]]] = {}  # name -> (time, status) of every event, if traced
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._w: watch.Watch | None = None
@@ -177,6 +179,8 @@ class Watcher:
                     name = obj["metadata"]["name"]
                     with self._cv:
                         self.last[name] = obj
+                        if name in self.trace:
+                            self.trace[name].append((now, obj.get("status") or {}))
                         for (n, key), pred in self.wanted.items():
                             if n == name and (n, key) not in self.marks and pred(obj):
                                 self.marks[(n, key)] = now
@@ -220,6 +224,8 @@ class Operator:
         self.objs = client.CustomObjectsApi(api)
         self.snaps, self.vms = Watcher(api, "vmsnapshots"), Watcher(api, "virtualmachines")
         self.timeout = timeout
+        self.agent_ms: list[dict] = []  # each snapshot's own durationMs/downtimeMs (the agent's job)
+        self.revert_steps: list[dict] = []  # per revert: when (s after the patch) each lastRevert step showed
 
     def create(self, name: str) -> float:
         body = {"apiVersion": meta.API_VERSION, "kind": "VMSnapshot", "metadata": {"name": name, "namespace": b.NS},
@@ -229,6 +235,8 @@ class Operator:
         self.objs.create_namespaced_custom_object(meta.GROUP, meta.VERSION, b.NS, "vmsnapshots", body)
         done = self.snaps.wait(name, "ready", self.timeout, failed=lambda o: (
             f"Failed ({_ready_reason(o)})" if (o.get("status") or {}).get("phase") == "Failed" else None))
+        st = (self.snaps.last.get(name) or {}).get("status") or {}
+        self.agent_ms.append({"durationMs": st.get("durationMs"), "downtimeMs": st.get("downtimeMs")})
         return done - t
 
     def revert(self, snapshot: str, rid: str) -> float:
@@ -237,11 +245,21 @@ class Operator:
             return lr.get("result") if lr.get("id") == rid else None
 
         self.vms.expect(VM, f"revert-{rid}", lambda o: outcome(o) == "Succeeded")
+        with self.vms._cv:
+            self.vms.trace[VM] = []
         t = time.perf_counter()
         self.objs.patch_namespaced_custom_object(meta.GROUP, meta.VERSION, b.NS, "virtualmachines", VM,
                                                  {"spec": {"revert": {"id": rid, "snapshot": snapshot}}})
         done = self.vms.wait(VM, f"revert-{rid}", self.timeout, failed=lambda o: (
             f"revert Failed: {(o['status']['lastRevert'] or {}).get('message')}" if outcome(o) == "Failed" else None))
+        with self.vms._cv:
+            events = self.vms.trace.pop(VM, [])
+        steps: dict[str, float] = {}
+        for when, st in events:
+            lr = st.get("lastRevert") or {}
+            if lr.get("id") == rid:
+                steps.setdefault(f"{lr.get('result')}/{lr.get('step')}", round(when - t, 3))
+        self.revert_steps.append(steps)
         return done - t
 
     def close(self) -> None:
@@ -256,11 +274,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=("raw", "operator", "both"), default="both")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds each operator step may take")
+    ap.add_argument("--logs", type=Path, help="copy the world's controller and agent logs here before teardown")
     args = ap.parse_args()
     from localenv.guest import wait_for_marker
 
     results = {op: {"raw": [], "operator": []} for op in OPS}
     errors: dict[str, str] = {}
+    agent_ms: list[dict] = []
+    revert_steps: list[dict] = []
     with b.world() as w:
         node, cluster, image = w.nodes[0], w.cluster, w.cluster.image
         storage = cluster.storage_dir
@@ -299,17 +320,24 @@ def main() -> None:
                         errors["operator"] = str(exc)
                         print(f"operator side stopped: {exc}", file=sys.stderr)
         finally:
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in w.dir.rglob("*.log"):
+                    if "console" not in log.parts:
+                        shutil.copy(log, args.logs / log.name)
             if opr is not None:
+                agent_ms, revert_steps = opr.agent_ms, opr.revert_steps
                 opr.close()
             if raw is not None:
                 raw.close()
             conn.close()
-    report(results, errors, args)
+    report(results, errors, agent_ms, revert_steps, args)
 
 
-def report(results: dict, errors: dict, args) -> None:
+def report(results: dict, errors: dict, agent_ms: list[dict], revert_steps: list[dict], args) -> None:
     data = {"repeat": args.repeat, "only": args.only, "target": f"operator p95 <= raw p95 * {TARGET_FACTOR} + "
-            f"{TARGET_PLUS} s", "ops": {}, "errors": errors}
+            f"{TARGET_PLUS} s", "ops": {}, "errors": errors, "snapshot_status_ms": agent_ms,
+            "revert_steps_s": revert_steps}
     ok = not errors
     print(f"snapshot create (External, memory) and revert: operator vs the libvirt calls, {args.repeat} round(s)")
     for op, r in results.items():
@@ -330,6 +358,11 @@ def report(results: dict, errors: dict, args) -> None:
             line += " | operator: " + (errors.get("operator", "not measured"))
         data["ops"][op] = entry
         print(line)
+    if agent_ms:
+        print("the snapshots' own status: " + ", ".join(f"durationMs {a['durationMs']} downtimeMs {a['downtimeMs']}"
+                                                       for a in agent_ms))
+    for i, steps in enumerate(revert_steps, 1):
+        print(f"revert {i}: " + ", ".join(f"{k} +{v:.2f}s" for k, v in steps.items()))
     print(f"written {b.write_result('snapshot' if args.only == 'both' else f'snapshot-{args.only}', data)}")
     sys.exit(0 if ok else 1)
 
