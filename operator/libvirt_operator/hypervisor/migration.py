@@ -250,13 +250,17 @@ class MigrationMixin:
 
     async def start_postcopy(self) -> None:
         """Switches a migration started with postcopy=True to post-copy: the domain runs on the destination at
-        once and its memory follows on demand. From here on it cannot be aborted."""
+        once and its memory follows on demand. From here on it cannot be aborted. Only once the job is active and
+        past its setup (QEMU: "Enable postcopy with migrate_set_capability before the start of migration" when
+        called during libvirt's setup; "post-copy can only be started while outgoing migration is in progress"
+        before or after the job)."""
         await self.call(lambda d: d.migrateStartPostCopy(0), fallback="StartPostCopyFailed")
 
     async def follow_job(self, interval: float = 1.0) -> AsyncIterator[JobStats]:
         """Yields job_stats() at least every `interval` s (and at each MIGRATION_ITERATION / JOB_COMPLETED event)
         until no job runs (the last figures yielded are the ones before the end). Stops quietly when the domain
-        is gone from this host."""
+        is gone from this host. It ends at once when no job runs YET: for a migration started in another task,
+        wait_job_active() first."""
         woken = asyncio.Event()
 
         def on_event(event: Any) -> None:
