@@ -164,8 +164,8 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
         await agent.stop()
 
     @kopf.on.event(meta.GROUP, meta.VERSION, "virtualmachines", registry=registry)
-    def vm_event(event, **_):
-        agent.on_vm_event(event)
+    async def vm_event(event, **_):  # in the loop: kopf runs a sync handler in a thread, and the work
+        agent.on_vm_event(event)  # queue (asyncio.Queue, timers) is not thread-safe
 
     @kopf.on.event(meta.GROUP, meta.VERSION, "vmsnapshots", registry=registry)
     async def snapshot_event(event, **_):  # in the loop: on_event spawns tasks (a sync handler runs in a thread)
