@@ -46,8 +46,10 @@ async def run(ctx: JobContext) -> bool:
     mem = st.get("memoryFile")
     files = [os.path.normpath(d["snapshotFile"]) for d in st.get("disks") or [] if d.get("snapshotFile")]
     ours = [*files, *([os.path.normpath(mem)] if mem else [])]
+    held_before = st.get("phase") == "Deleting" and bool(st.get("keptFiles"))  # a retry: FilesHeld stays said
     await st.write(phase="Deleting", job={**(st.get("job") or {}), "step": MERGE, "message": ""},
-                   conditions=[condition("False", "SnapshotDeleting", "the snapshot's files are being dealt with")])
+                   **({} if held_before else {"conditions": [
+                       condition("False", "SnapshotDeleting", "the snapshot's files are being dealt with")]}))
     refs = ctx.references()
     held = {p: "held by " + ", ".join(sorted(refs.owners(p) - {own, vm_owner}))
             for p in ours if refs.owners(p) - {own, vm_owner}}
