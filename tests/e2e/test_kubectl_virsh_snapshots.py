@@ -118,8 +118,10 @@ def boot_id(dom: libvirt.virDomain) -> str:
 
 def qemu_img_chain(path: str) -> list[str]:
     """The chain as qemu-img prints it, active file first (-U: the VM has it open)."""
-    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
-                         check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, (path, done.stderr, sorted(os.listdir(os.path.dirname(path))))
+    out = done.stdout
     paths, current = [], os.path.abspath(path)
     for entry in json.loads(out):
         paths.append(current)
@@ -214,6 +216,11 @@ def test_snapshot_with_memory_list_revert_twice_and_delete(virsh, vms, cluster, 
         vm = vms.get(vm_name)
         rid = vm["spec"]["revert"]["id"]
         assert vm["status"]["lastRevert"]["id"] == rid and vm["status"]["lastRevert"]["result"] == "Succeeded"
+        # status.disks follows lastRevert (the reconciler reports the new chain after the job): wait for it
+        suffix = f".s1.r-{rid}.qcow2"
+        vm = vms.wait(vm_name, lambda v, suffix=suffix: all(disk_status(v, n)["path"].endswith(suffix)
+                                                            for n in ("root", "data")),
+                      "status.disks on the revert's leaves", 60)
         dom = guest_ready(vms, vm_name)
         up_after = uptime(dom)
         assert up_before <= up_after < up_at_revert, (round_, up_before, up_after, up_at_revert)
