@@ -22,6 +22,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from libvirt_operator.agent import disks
 from libvirt_operator.agent.jobs import JobContext
 from libvirt_operator.agent.snapshots import clone, common, create, delete, revert
 from libvirt_operator.agent.snapshots.plan import Refusal
@@ -114,7 +115,8 @@ class World:
                 raise Killed(outcome["step"])
             vm["status"]["lastRevert"] = dict(outcome)
 
-        async def record(guest, chains) -> None:
+        async def record(guest, chains) -> None:  # the agent's own: the definition and metadata follow
+            await disks.record(self.host, guest, chains)
             self.recorded[vm_name] = {n: list(c.paths) for n, c in chains.items()}
 
         async def event(reason: str, message: str, warning: bool) -> None:
@@ -607,11 +609,14 @@ def test_reuse_existing_overlay_and_refusals_touch_nothing(qvm, world, roots, st
 
 
 def test_revert_reentry_after_the_leaves_converges(qvm, world, roots):
+    """Killed once the leaves and the definition are done (at the write before the restore): the step on
+    record is still Stop (Leaves and Define are not written), and re-entry redoes them idempotently."""
     vm, name = qvm, qvm.guest.name
     vm.mark("m-late")
     with pytest.raises(Killed):
-        world.revert(name, "s1", "rk", write_revert_kill_at="Define")
-    assert world.vms[name]["status"]["lastRevert"]["step"] == "Leaves"
+        world.revert(name, "s1", "rk", write_revert_kill_at="Start")
+    assert world.vms[name]["status"]["lastRevert"]["step"] == "Stop"
+    assert ".s1.r-rk.qcow2" in run(vm.guest.xml(inactive=True)), "the definition is on the new leaves"
     outcome = world.revert(name, "s1", "rk")
     assert outcome["result"] == "Succeeded", outcome
     vm.wait_agent(120)

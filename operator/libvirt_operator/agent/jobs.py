@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
@@ -32,6 +32,7 @@ class JobContext:
     references: Callable[[], References]
     record: Callable[[Guest, dict[str, Chain]], Awaitable[None]]
     event: Callable[[str, str, bool], Awaitable[None]]
+    scratch: dict = field(default_factory=dict)  # what one step of a job hands on to the next
 
 
 @dataclass(frozen=True)

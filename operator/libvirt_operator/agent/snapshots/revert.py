@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 STOP, LEAVES, DEFINE, START, CLEANUP, SAFETY, COPY_BACK, DONE = (
     "Stop", "Leaves", "Define", "Start", "Cleanup", "Safety", "CopyBack", "Done")
 ORDER = {EXTERNAL: (STOP, LEAVES, DEFINE, START, CLEANUP), "Copy": (STOP, SAFETY, COPY_BACK, START, CLEANUP)}
+# The steps whose start is written to status. External: Leaves and Define are quick and idempotent on
+# re-entry (an existing leaf is verified, a definition rewritten), so a restart recorded at Stop redoes
+# them; each write costs an API round trip on the revert's critical path.
+RECORDED = {EXTERNAL: (STOP, START), "Copy": (STOP, SAFETY, COPY_BACK, START, CLEANUP)}
 
 
 class _Failed(Exception):
@@ -98,7 +102,8 @@ async def _run(ctx: JobContext, out: _Outcome, step: str | None) -> None:
         raise _Failed("Interrupted", f"unknown step {step} recorded for a {plan.method} revert")
     old = _old_files(vm, live, disks)
     for current in steps[steps.index(step):]:
-        await out.write("InProgress", current)
+        if current in RECORDED[plan.method] or current == step:
+            await out.write("InProgress", current)
         await _STEPS[current](ctx, guest, plan)
     await _cleanup(ctx, guest, plan, old)
     await out.write("Succeeded", DONE, f"reverted to snapshot {(ctx.snapshot.get('metadata') or {}).get('name')}")
@@ -145,6 +150,13 @@ async def _leaves(ctx: JobContext, guest: Guest, plan: RevertPlan) -> None:
 
 
 async def _new_chains(ctx: JobContext, guest: Guest, plan: RevertPlan) -> dict[str, Chain]:
+    """Every disk's chain once the revert is done (computed once per job: qemu-img per disk)."""
+    if "revert_chains" not in ctx.scratch:
+        ctx.scratch["revert_chains"] = await _compute_chains(ctx, guest, plan)
+    return ctx.scratch["revert_chains"]
+
+
+async def _compute_chains(ctx: JobContext, guest: Guest, plan: RevertPlan) -> dict[str, Chain]:
     chains = {name: s.chain for name, s in (await common.disk_states(guest, inactive=True)).items()}
     for d in plan.disks:
         try:
@@ -156,9 +168,7 @@ async def _new_chains(ctx: JobContext, guest: Guest, plan: RevertPlan) -> dict[s
 
 async def _define(ctx: JobContext, guest: Guest, plan: RevertPlan) -> None:
     try:
-        xml = retarget_disks(await guest.xml(inactive=True), plan.leaves)
-        await ctx.host.define(xml)
-        await ctx.record(guest, await _new_chains(ctx, guest, plan))
+        await ctx.record(guest, await _new_chains(ctx, guest, plan))  # retargets the disks and records them
     except HypervisorError as err:
         raise _Failed(err.reason, err.message) from None
 
