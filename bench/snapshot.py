@@ -42,6 +42,7 @@ import benchlib as b
 from libvirt_operator.api import meta
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain.render import render_domain
+from libvirt_operator.hypervisor import readxml
 
 TARGET_FACTOR, TARGET_PLUS = 1.10, 0.3
 OPS = ("create", "revert")
@@ -74,12 +75,7 @@ class Raw:
 
     @staticmethod
     def _disks(xml: str) -> dict[str, str]:
-        out = {}
-        for d in ET.fromstring(xml).findall("./devices/disk[@device='disk']"):
-            src = d.find("source")
-            if src is not None and src.get("file"):
-                out[d.find("target").get("dev")] = src.get("file")
-        return out
+        return {d.target: d.path for d in readxml.disk_sources(xml) if d.device == "disk" and d.path}
 
     def create(self, name: str) -> tuple[float, dict]:
         """snapshotCreateXML LIVE|NO_METADATA with the memory and every disk external: seconds, the point."""

@@ -28,7 +28,6 @@ import os
 import subprocess
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import pytest
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain import render_domain
 from libvirt_operator.domain.snapshot import retarget_disks
-from libvirt_operator.hypervisor import Host, HypervisorError, volumes
+from libvirt_operator.hypervisor import Host, HypervisorError, readxml, volumes
 from libvirt_operator.hypervisor.migration import JobStats, MigrationOptions
 from libvirt_operator.storage import images
 from localenv.guest import guest_sh, qemu_pid, wait_for_marker
@@ -76,12 +75,7 @@ def qemu_img_chain(path: str) -> list[str]:
 
 
 def disk_paths(domain_xml: str) -> dict[str, str]:
-    found = {}
-    for disk in ET.fromstring(domain_xml).iterfind("./devices/disk"):
-        source = disk.find("source")
-        if source is not None and source.get("file"):
-            found[disk.find("target").get("dev")] = source.get("file")
-    return found
+    return {d.target: d.path for d in readxml.disk_sources(domain_xml) if d.path}
 
 
 class World:
