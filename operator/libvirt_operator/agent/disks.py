@@ -96,18 +96,27 @@ async def record(host: Host, guest: Guest, chains: Mapping[str, Chain]) -> None:
     own = dom.operator_metadata
     if own is None:
         raise ValueError(f"domain {guest.name} has no operator metadata: not ours to record on")
+    moved = False  # a disk whose definition is not on its chain's active file yet
     for name, chain in chains.items():
         disk = dom.devices.by_alias(naming.disk_alias(name)) if dom.devices else None
         if disk is None or disk.element.tag != "disk":
             raise KeyError(f"domain {guest.name} has no disk {name}")
+        stores = disk.element.findall("backingStore")
+        if (disk.type, disk.source_file) == ("file", chain.active.path) and not stores and (
+                not chain.active.format or disk.driver_type == chain.active.format):
+            continue
+        moved = True
         disk.type, disk.source_file = "file", chain.active.path
         if chain.active.format:
             disk.driver_type = chain.active.format
-        for store in disk.element.findall("backingStore"):  # libvirt reads the chain from the files
+        for store in stores:  # libvirt reads the chain from the files
             disk.element.remove(store)
     own.disks = {**own.disks, **chains}
-    dom.operator_metadata = own
-    await host.define(dom.to_xml(), validate=False)
+    if moved:
+        dom.operator_metadata = own
+        await host.define(dom.to_xml(), validate=False)
+    else:  # libvirt moved the definition itself (an external snapshot does): the record alone
+        await guest.set_operator_metadata(own.to_api_xml(), live=False, config=True)
     if (await guest.state()).state not in power.ACTIVE_STATES:
         return
     try:

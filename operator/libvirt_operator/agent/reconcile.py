@@ -398,6 +398,17 @@ class Reconciler:
     async def set_finalizer(self, obj: dict, add: bool) -> dict:
         md = obj["metadata"]
         current = list(md.get("finalizers") or [])
+        if not add and meta.AGENT_FINALIZER in current:
+            # Conditional on the finalizer list alone: a status write since (ours, the controller's) does not
+            # make the removal conflict and wait for another pass, as a resourceVersion precondition would.
+            at = f"/metadata/finalizers/{current.index(meta.AGENT_FINALIZER)}"
+            try:
+                return await asyncio.to_thread(resources.json_patch, resources.VMS, md["namespace"], md["name"],
+                                               [{"op": "test", "path": at, "value": meta.AGENT_FINALIZER},
+                                                {"op": "remove", "path": at}])
+            except ApiException as exc:
+                if exc.status != 422:  # 422: the list changed meanwhile; below, on the version we know
+                    raise
         wanted = ([*current, meta.AGENT_FINALIZER] if add
                   else [f for f in current if f != meta.AGENT_FINALIZER])
         patch = {"metadata": {"finalizers": wanted, "resourceVersion": md["resourceVersion"]}}

@@ -38,6 +38,12 @@ def merge_patch(plural: str, namespace: str, name: str, patch: dict) -> dict:
     )
 
 
+def json_patch(plural: str, namespace: str, name: str, ops: list[dict]) -> dict:
+    """A JSON patch (RFC 6902): its `test` operations make it conditional on just the fields they name."""
+    # a list: the client library turns a json-patch with any other body into a strategic merge patch
+    return _call("PATCH", _path(plural, namespace, name), list(ops), "application/json-patch+json")
+
+
 def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str,
                  force: bool = True) -> dict:
     """Server-side apply of the status fields this manager owns (others' fields stay).
