@@ -14,6 +14,7 @@ that nothing references and leaves the VM running on its old chain.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PREPARE, OVERLAYS, SNAPSHOT, RECORD, SAVE, COPYING, RESTORE, DONE = (
     "Prepare", "Overlays", "Snapshot", "Record", "Save", "Copy", "Restore", "Done")
+IN_FLIGHT_TIMEOUT = 300.0  # seconds a killed agent's snapshot call may take to finish in libvirtd
+IN_FLIGHT_GRACE = 5.0  # seconds to look again when no file shows that the call started
 
 
 class _Failed(Exception):
@@ -165,6 +168,23 @@ async def _external(ctx: JobContext, st: Status, guest: Guest, t0: float | None)
     await _finish_external(ctx, st, guest, t0, clock.ms(), common.now())
 
 
+async def _in_flight(guest: Guest, planned: list[dict], memory_file: str | None) -> tuple[bool, bool]:
+    """A killed agent's snapshot call may still run in libvirtd (its job does not show in jobInfo): while
+    the files libvirt creates at its start exist (the memory file; leaves the operator did not make) and
+    the domain is not on its leaves yet, the call is in flight: wait for it (libvirt removes them when
+    it fails). Without such a file (reuse, disk-only), a grace period. Returns _on_leaves after it."""
+    made_by_libvirt = [os.path.normpath(d["activeFile"]) for d in planned if not d.get("created")]
+    signals = [*made_by_libvirt, *([memory_file] if memory_file else [])]
+    deadline = time.monotonic() + IN_FLIGHT_TIMEOUT
+    grace = time.monotonic() + IN_FLIGHT_GRACE
+    while True:
+        all_on, any_on = await _on_leaves(guest, planned)
+        pending = any(os.path.lexists(p) for p in signals)
+        if all_on or time.monotonic() > deadline or (not pending and time.monotonic() > grace):
+            return all_on, any_on
+        await asyncio.sleep(0.25)
+
+
 async def _on_leaves(guest: Guest, planned: list[dict]) -> tuple[bool, bool]:
     """(all planned disks run on their leaf over the snapshot file, any does)."""
     disks = await common.disk_states(guest)
@@ -282,6 +302,8 @@ async def _resume(ctx: JobContext, st: Status) -> None:
     planned = st.get("disks") or []
     if _spec(ctx).get("method", EXTERNAL) == EXTERNAL:
         all_on, any_on = await _on_leaves(guest, planned)
+        if not all_on and step == SNAPSHOT:
+            all_on, any_on = await _in_flight(guest, planned, st.get("memoryFile"))
         if all_on:
             mem = st.get("memoryFile")
             if mem:
