@@ -32,14 +32,16 @@ shard_a() {
   pytest -p no:cacheprovider "${ignore[@]}" tests/unit tests/e2e
 }
 shard_b() {
-  pytest -p no:cacheprovider "${ignore[@]}" tests/world tests/addon || return
+  local rc=0
+  pytest -p no:cacheprovider "${ignore[@]}" tests/world tests/addon || rc=$?
   # The kubelet lane (the chart's Pods on a real kubelet node): its own Debian packages, kubelet
   # and the images (all cached), then its tests.
   log "kubelet lane: packages"
   bash hack/install-kubelet-deps.sh
   log "kubelet lane: kubelet $(bash hack/build-kubelet.sh)"
   log "kubelet lane: images $(bash hack/build-image.sh)"
-  pytest -p no:cacheprovider tests/kubelet
+  pytest -p no:cacheprovider tests/kubelet || rc=$?
+  return "$rc"
 }
 prefixed() {  # run "$2..." with every output line prefixed by "[$1] "
   local tag=$1; shift
