@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 600.0  # how long a re-entered job waits for libvirt's own job on the domain to end
 
 
+class JobFailed(Exception):
+    """A step failed after the job started: reason and message for status (create and revert)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

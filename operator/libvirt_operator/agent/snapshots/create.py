@@ -35,10 +35,7 @@ IN_FLIGHT_TIMEOUT = 300.0  # seconds a killed agent's snapshot call may take to 
 IN_FLIGHT_GRACE = 5.0  # seconds to look again when no file shows that the call started
 
 
-class _Failed(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason, self.message = reason, message
+_Failed = common.JobFailed
 
 
 class _PauseClock:

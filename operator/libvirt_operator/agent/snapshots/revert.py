@@ -44,10 +44,7 @@ ORDER = {EXTERNAL: (STOP, LEAVES, DEFINE, START, CLEANUP), "Copy": (STOP, SAFETY
 RECORDED = {EXTERNAL: (STOP, START), "Copy": (STOP, SAFETY, COPY_BACK, START, CLEANUP)}
 
 
-class _Failed(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason, self.message = reason, message
+_Failed = common.JobFailed
 
 
 class _Outcome:
