@@ -261,6 +261,22 @@ class DomainRef(ApiModel):
     uuid: str
 
 
+class MigrationState(ApiModel):
+    """The VM's side of a migration, written by the agent that owns the VM (the durable fact that the
+    hand-over reads): Migrating (the source agent's job runs), Landed (the domain runs on the target
+    node; the source never starts it again), then Succeeded (the target agent adopted it) or
+    Failed/Aborted (the VM runs on the source, unchanged)."""
+
+    name: str = Field(description="The VMMigration.")
+    uid: str
+    type: str
+    state: Literal["Migrating", "Landed", "Succeeded", "Failed", "Aborted"]
+    source_node: str
+    target_node: str
+    message: str = ""
+    time: str
+
+
 class ShutdownProgress(ApiModel):
     mode: str
     requested_at: str
@@ -318,6 +334,7 @@ class VirtualMachineStatus(ApiModel):
     last_reset: RequestOutcome | None = None
     last_restart: RequestOutcome | None = None
     last_revert: RequestOutcome | None = None
+    migration: MigrationState | None = Field(None, description="The VM's last migration (see VMMigration).")
     vcpus: int | None = Field(None, description="vCPUs of the running domain.")
     memory: str | None = Field(None, description="Memory of the running domain (boot memory plus DIMMs).")
     disks: list[DiskStatus] = Field(default_factory=list, json_schema_extra=NAMED_LIST)
