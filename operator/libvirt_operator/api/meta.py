@@ -18,6 +18,20 @@ AGENT_FINALIZER = f"{AGENT_PREFIX}/domain"
 # Field managers for server-side apply of status.
 CONTROLLER_MANAGER = "libvirt-operator-controller"
 AGENT_MANAGER = "libvirt-operator-agent"
+AGENT_JOBS_MANAGER = "libvirt-operator-agent-jobs"
+MIGRATION_FINALIZER = f"{AGENT_PREFIX}/migration"
+
+
+def agent_manager(node: str) -> str:
+    """Each agent applies status under its own manager, so two agents (a migration's source and
+    target) never erase each other's fields; the admission policy holds an agent to its own."""
+    return f"{AGENT_MANAGER}@{node}"
+
+
+def agent_jobs_manager(node: str) -> str:
+    """The agent's long jobs (status.lastRevert, status.migration), beside its reconciler's fields."""
+    return f"{AGENT_JOBS_MANAGER}@{node}"
+
 
 # Agents renew a Lease named AGENT_LEASE_PREFIX + node name in the operator's namespace.
 AGENT_LEASE_PREFIX = "lvo-agent-"
