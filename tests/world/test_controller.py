@@ -337,7 +337,8 @@ def test_killed_controller_converges_after_restart(scene: Scene):
     # While it is down: a VM labelled but without status (as if killed right after labelling),
     # whose agent already owns the phase.
     scene.create("labelled", labels={meta.NODE_LABEL: nodes[0]})
-    resources.apply_status(resources.VMS, scene.namespace, "labelled", {"phase": "Running"}, meta.AGENT_MANAGER)
+    resources.apply_status(resources.VMS, scene.namespace, "labelled", {"phase": "Running"},
+                           meta.agent_manager(nodes[0]))
     ctl.start()
     for name in [*names, "labelled"]:
         vm = scene.wait_scheduled(name)
@@ -356,7 +357,7 @@ def test_status_apply_leaves_a_phase_the_agent_just_took(scene: Scene):
     assert vm["status"]["phase"] == "Scheduled"
     stale = scene.get("raced")
     # The agent starts the domain and sets phase between the controller's read and its apply.
-    resources.apply_status(resources.VMS, scene.namespace, "raced", {"phase": "Starting"}, meta.AGENT_MANAGER)
+    resources.apply_status(resources.VMS, scene.namespace, "raced", {"phase": "Starting"}, meta.agent_manager(node))
     asyncio.run(vm_scheduling.apply_status(
         stale, lambda with_phase: schedule_status.scheduled(stale, node, "placed again", with_phase)))
     vm = scene.get("raced")

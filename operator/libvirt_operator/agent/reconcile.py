@@ -129,13 +129,13 @@ class Reconciler:
             cloned = await self._clone_leaves(obj)
             if cloned is None:
                 return 10.0
-        problem = checks.paths(spec, self.cfg.storage_roots)
+        stored = await define.stored_definition(guest)  # its disk record: the chains the disks run on
+        problem = checks.paths(spec, self.cfg.storage_roots, disks.moved_disks(stored, obj))
         if problem is not None and not (problem.reason == "FileNotFound" and guest is not None):
             await self._failed(obj, problem.reason, problem.message, guest)
             return None if problem.reason == "PathNotAllowed" else 30.0
         unavailable = checks.host_devices(spec)
         runnable = checks.without(spec, set(unavailable))
-        stored = await define.stored_definition(guest)  # its disk record: the chains the disks run on
         try:
             wanted = self.renders.render(obj, runnable, domain_type=self._domain_type(spec),
                                          console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"),
@@ -381,7 +381,7 @@ class Reconciler:
             await self.event(obj, reason, message, warning=True)
 
     async def write(self, obj: dict, rep: report.status.Report) -> None:
-        updated = await report.status.apply(obj, rep)
+        updated = await report.status.apply(obj, rep, self.cfg.node_name)
         if updated is not None:
             self.store.put(updated)
             obj["status"] = updated.get("status", {})

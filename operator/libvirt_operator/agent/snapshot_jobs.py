@@ -25,7 +25,6 @@ from libvirt_operator.kube import events, resources
 
 log = logging.getLogger(__name__)
 FINALIZER = f"{meta.AGENT_PREFIX}/snapshot"
-JOBS_MANAGER = meta.AGENT_MANAGER + "-jobs"  # status.lastRevert, beside the reconciler's fields
 COMPONENT = "libvirt-operator-agent"
 HELD_RETRY_SECONDS = 30.0  # a delete held by a clone or another snapshot is looked at again this often
 
@@ -190,13 +189,14 @@ class SnapshotJobs:
                 c.setdefault("lastTransitionTime", utcnow())
             clean = {k: v for k, v in own.items() if v not in (None, {}, [])}
             updated = await asyncio.to_thread(resources.apply_status, resources.SNAPSHOTS, key[0], key[1], clean,
-                                              meta.AGENT_MANAGER)
+                                              meta.agent_manager(self.cfg.node_name))
             self.snapshots.put(updated)
 
         async def write_revert(outcome: dict) -> None:
             outcome = {"time": utcnow(), **{k: v for k, v in outcome.items() if v is not None}}
             updated = await asyncio.to_thread(resources.apply_status, resources.VMS, vm_key[0], vm_key[1],
-                                              {"lastRevert": outcome}, JOBS_MANAGER)
+                                              {"lastRevert": outcome},
+                                              meta.agent_jobs_manager(self.cfg.node_name))
             self.vms.put(updated)
 
         async def event(reason: str, message: str, warning: bool = False) -> None:

@@ -78,12 +78,13 @@ def carried_devices(status: dict | None) -> dict[str, Any]:
     return {k: status[k] for k in ("vcpus", "memory", "disks", "interfaces", "qosApplied") if k in status}
 
 
-async def apply(obj: dict, report: Report) -> dict | None:
-    """Apply the status when it differs from what the object shows; returns the updated object."""
+async def apply(obj: dict, report: Report, node: str) -> dict | None:
+    """Apply the status (as this node's agent, meta.agent_manager) when it differs from what the object
+    shows; returns the updated object."""
     new = render(report, obj.get("status"))
     if new == owned_view(obj.get("status")):
         return None
     md = obj["metadata"]
     return await asyncio.to_thread(
-        resources.apply_status, resources.VMS, md["namespace"], md["name"], new, meta.AGENT_MANAGER
+        resources.apply_status, resources.VMS, md["namespace"], md["name"], new, meta.agent_manager(node)
     )

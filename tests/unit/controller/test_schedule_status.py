@@ -37,9 +37,10 @@ def managed(manager, status_fields):
 def test_phase_ownership_from_managed_fields():
     assert not s.phase_owned_by_others(vm())
     assert not s.phase_owned_by_others(vm(managed=[managed(meta.CONTROLLER_MANAGER, ["f:phase"])]))
-    assert not s.phase_owned_by_others(vm(managed=[managed(meta.AGENT_MANAGER, ["f:conditions"])]))
-    assert s.phase_owned_by_others(vm(managed=[managed(meta.CONTROLLER_MANAGER, ["f:phase"]),
-                                               managed(meta.AGENT_MANAGER, ["f:phase"])]))
+    assert not s.phase_owned_by_others(vm(managed=[managed(meta.agent_manager("n1"), ["f:conditions"])]))
+    for agent in (meta.agent_manager("n1"), meta.agent_jobs_manager("n1")):  # each agent has its own manager
+        assert s.phase_owned_by_others(vm(managed=[managed(meta.CONTROLLER_MANAGER, ["f:phase"]),
+                                                   managed(agent, ["f:phase"])]))
 
 
 def test_scheduled_status():
@@ -72,7 +73,8 @@ def test_a_slim_vm_decides_and_reports_as_the_full_one():
     from libvirt_operator.controller.vm_scheduling import slim
 
     full = vm(status={"conditions": [scheduled_cond("False")], "phase": "Pending", "qos": {"x": 1}},
-              managed=[managed(meta.CONTROLLER_MANAGER, ["f:conditions"]), managed(meta.AGENT_MANAGER, ["f:phase"])])
+              managed=[managed(meta.CONTROLLER_MANAGER, ["f:conditions"]),
+                       managed(meta.agent_manager("n1"), ["f:phase"])])
     full["metadata"].update(uid="u1", resourceVersion="7", creationTimestamp="2026-01-01T00:00:00Z")
     full["spec"] = {"memory": {"size": "1Gi", "maxSize": "2Gi"}, "nodeName": "n1", "boot": {"kernel": {}},
                     "disks": [{"name": "d", "path": "/i/d.qcow2"}],
