@@ -17,8 +17,11 @@ class Problem:
     message: str
 
 
-def paths(spec: VirtualMachineSpec, roots: tuple[Path, ...]) -> Problem | None:
-    """Every host path under a storage root, and present."""
+def paths(spec: VirtualMachineSpec, roots: tuple[Path, ...], moved: frozenset[str] = frozenset()) -> Problem | None:
+    """Every host path under a storage root, and present; `moved`: disks a migration moved off their spec
+    path (their recorded files count, not the spec's)."""
+    if moved:
+        spec = spec.model_copy(update={"disks": [d for d in spec.disks if d.name not in moved]})
     outside = storage.outside_roots(spec, roots)
     if outside:
         return Problem("PathNotAllowed", "; ".join(outside))

@@ -23,6 +23,15 @@ class AgentConfig:
     # libvirt threads (workers + 8) and connections bound what runs at once.
     workers: int = 48
     libvirt_connections: int = 8  # libvirtd runs 5 calls per connection at a time (max_client_requests)
+    # Roots on storage shared with other nodes (same path there): a Live migration needs every file
+    # of the VM under one, on both nodes; only then is VIR_MIGRATE_UNSAFE passed.
+    shared_storage_roots: tuple[Path, ...] = ()
+    migration_uri: str | None = None  # how other nodes' libvirtd reach this one (default: libvirt_uri)
+    migration_address: str | None = None  # address of the migration data and NBD streams
+
+    @property
+    def migration_target_uri(self) -> str:
+        return self.migration_uri or self.libvirt_uri
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -37,6 +46,12 @@ class AgentConfig:
             kwargs["namespace"] = env["LVO_NAMESPACE"]
         if env.get("LVO_STORAGE_ROOTS"):
             kwargs["storage_roots"] = tuple(Path(p) for p in env["LVO_STORAGE_ROOTS"].split(":") if p)
+        if env.get("LVO_SHARED_STORAGE_ROOTS"):
+            kwargs["shared_storage_roots"] = tuple(Path(p) for p in env["LVO_SHARED_STORAGE_ROOTS"].split(":") if p)
+        if env.get("LVO_MIGRATION_URI"):
+            kwargs["migration_uri"] = env["LVO_MIGRATION_URI"]
+        if env.get("LVO_MIGRATION_ADDRESS"):
+            kwargs["migration_address"] = env["LVO_MIGRATION_ADDRESS"]
         if env.get("LVO_CONSOLE_LOG_DIR"):
             kwargs["console_log_dir"] = Path(env["LVO_CONSOLE_LOG_DIR"])
         if env.get("LVO_RESYNC_SECONDS"):

@@ -45,14 +45,28 @@ def record_from(stored: DomainConfig | None, obj: dict) -> dict[str, Chain]:
     uid = obj["metadata"]["uid"]
     own = stored.operator_metadata if stored is not None else None
     chains: dict[str, Chain] = {}
+    origins: dict[str, str] = {}
     if own is not None and own.vm_uid == uid:
         try:
-            chains = own.disks
+            chains, origins = own.disks, own.disk_origins
         except (ValueError, KeyError, TypeError) as exc:  # a damaged record: fall back to status
             log.warning("%s: unreadable disk record in the domain metadata: %s", vm_owner(obj), exc)
     if not chains:
         chains = status_chains(obj)
-    return applicable(chains, obj.get("spec") or {})
+    return applicable(chains, obj.get("spec") or {}, origins)
+
+
+def moved_disks(stored: DomainConfig | None, obj: dict) -> frozenset[str]:
+    """Disks whose files a migration moved off their spec path (recorded origin == spec path)."""
+    own = stored.operator_metadata if stored is not None else None
+    if own is None or own.vm_uid != obj["metadata"]["uid"]:
+        return frozenset()
+    try:
+        origins = own.disk_origins
+    except (ValueError, TypeError):
+        return frozenset()
+    return frozenset(d["name"] for d in (obj.get("spec") or {}).get("disks") or []
+                     if d.get("path") and origins.get(d.get("name")) == d["path"])
 
 
 def status_chains(obj: dict) -> dict[str, Chain]:
@@ -72,24 +86,28 @@ def status_chains(obj: dict) -> dict[str, Chain]:
     return out
 
 
-def applicable(chains: Mapping[str, Chain], spec: dict) -> dict[str, Chain]:
-    """The chains that still describe a spec disk: a file-backed disk whose spec path is in its chain."""
+def applicable(chains: Mapping[str, Chain], spec: dict, origins: Mapping[str, str] | None = None) -> dict[str, Chain]:
+    """The chains that still describe a spec disk: a file-backed disk whose spec path is in its chain, or
+    whose files a migration moved from that spec path (`origins`: disk name -> spec path)."""
+    origins = origins or {}
     out = {}
     for disk in spec.get("disks") or []:
         chain = chains.get(disk.get("name"))
         if chain is None or disk.get("device", "disk") != "disk" or not disk.get("path"):
             continue
         with contextlib.suppress(ValueError):
-            if disk["path"] in chain:
+            if disk["path"] in chain or origins.get(disk["name"]) == disk["path"]:
                 out[disk["name"]] = chain
     return out
 
 
-async def record(host: Host, guest: Guest, chains: Mapping[str, Chain]) -> None:
+async def record(host: Host, guest: Guest, chains: Mapping[str, Chain],
+                 origins: Mapping[str, str] | None = None) -> None:
     """Records new chains ({disk name: chain}) for some of the guest's disks: the persistent definition
     gets those disks' source and driver type from each chain's active file and the metadata record
     (the other disks' records are kept); a running domain's live metadata gets the record too (its live
-    disks are what libvirt already runs on). Snapshot jobs call this after they change files."""
+    disks are what libvirt already runs on). Snapshot jobs call this after they change files; a migration
+    that moved a disk off its spec path passes `origins` ({disk name: spec path})."""
     if not chains:
         return
     dom = DomainConfig.from_xml(await guest.xml(inactive=True))
@@ -112,6 +130,8 @@ async def record(host: Host, guest: Guest, chains: Mapping[str, Chain]) -> None:
         for store in stores:  # libvirt reads the chain from the files
             disk.element.remove(store)
     own.disks = {**own.disks, **chains}
+    if origins:
+        own.disk_origins = {**own.disk_origins, **origins}
     if moved:
         dom.operator_metadata = own
         await host.define(dom.to_xml(), validate=False)
@@ -123,6 +143,8 @@ async def record(host: Host, guest: Guest, chains: Mapping[str, Chain]) -> None:
         text = await guest.operator_metadata(live=True)
         live = OperatorMetadata.from_api_xml(text) if text else own
         live.disks = {**(live.disks if text else {}), **chains}
+        if origins:
+            live.disk_origins = {**(live.disk_origins if text else {}), **origins}
         await guest.set_operator_metadata(live.to_api_xml(), live=True)
     except HypervisorError as exc:  # stopped meanwhile: its next start boots from the definition
         log.info("%s: live disk record not written: %s", guest.name, exc.message)

@@ -31,7 +31,8 @@ class OperatorMetadata(XMLElement):
     exchange the element without its namespace: see from_api_xml / to_api_xml."""
 
     TAG = _q("vm")
-    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash", "bootFields", "disks")))
+    CHILD_ORDER = tuple(map(_q, ("namespace", "name", "uid", "generation", "configHash", "bootFields", "disks",
+                                        "diskOrigins")))
 
     vm_namespace = Text(_q("namespace"))
     vm_name = Text(_q("name"))
@@ -42,6 +43,8 @@ class OperatorMetadata(XMLElement):
     boot_fields_json = Text(_q("bootFields"))
     # JSON {disk name: [{"path", "format"}, ...]}: each disk's chain, the active file first.
     disks_json = Text(_q("disks"))
+    # JSON {disk name: spec path}: a disk whose files a migration moved; its chain stands for that spec path.
+    disk_origins_json = Text(_q("diskOrigins"))
 
     @property
     def boot_fields(self) -> dict:
@@ -62,6 +65,14 @@ class OperatorMetadata(XMLElement):
     def disks(self, value: dict[str, Chain] | None) -> None:
         self.disks_json = (json.dumps({name: chain.to_list() for name, chain in sorted(value.items())},
                                       separators=(",", ":")) if value else None)
+
+    @property
+    def disk_origins(self) -> dict[str, str]:
+        return json.loads(self.disk_origins_json) if self.disk_origins_json else {}
+
+    @disk_origins.setter
+    def disk_origins(self, value: dict[str, str] | None) -> None:
+        self.disk_origins_json = json.dumps(dict(sorted(value.items())), separators=(",", ":")) if value else None
 
     @classmethod
     def from_api_xml(cls, text: str) -> OperatorMetadata:

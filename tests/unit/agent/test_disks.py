@@ -1,6 +1,6 @@
 """agent/disks: which chains a VM's disks run on (record_from) and who needs which file (node_references)."""
 
-from libvirt_operator.agent.disks import node_references, record_from
+from libvirt_operator.agent.disks import moved_disks, node_references, record_from
 from libvirt_operator.agent.store import VMStore
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain import DomainConfig, render_domain
@@ -153,3 +153,21 @@ def test_the_render_cache_renders_again_for_a_changed_record():
     assert source(cache.render(obj, spec, **args)) == "/img/root.qcow2"
     assert source(cache.render(obj, spec, **args, disk_chains={"root": LEAF})) == "/img/root.s1.qcow2"
     assert source(cache.render(obj, spec, **args, disk_chains={})) == "/img/root.qcow2"
+
+
+def test_a_chain_a_migration_moved_off_the_spec_path_stays_recorded():
+    moved = Chain.of(("/other/root.qcow2", "qcow2"), ("/other/root.base.qcow2", "qcow2"))
+    dom = stored({"root": moved})
+    own = dom.operator_metadata
+    own.disk_origins = {"root": "/img/root.qcow2"}
+    dom.operator_metadata = own
+    again = DomainConfig.from_xml(dom.to_xml())  # the origin survives the XML round trip
+    assert again.operator_metadata.disk_origins == {"root": "/img/root.qcow2"}
+    assert record_from(again, vm())["root"] == moved
+    assert moved_disks(again, vm()) == {"root"}
+    # without the origin, a chain not holding the spec path is not this disk's any more
+    assert "root" not in record_from(stored({"root": moved}), vm())  # rendered from the spec path
+    # a user who points the disk at another file gets that file
+    other = {**SPEC, "disks": [{"name": "root", "path": "/img/new.qcow2"}, *SPEC["disks"][1:]]}
+    assert "root" not in record_from(again, vm(spec=other))
+    assert moved_disks(again, vm(spec=other)) == frozenset()
