@@ -75,9 +75,18 @@ def message(exc: ApiException) -> str:
     return json.loads(exc.body)["message"]
 
 
-def annotate(api: client.ApiClient, name: str, value: str) -> dict:
+def annotate(api: client.ApiClient, name: str, value: str, plural: str = VMS, manager: str | None = None) -> dict:
     return vms_api(api).patch_namespaced_custom_object(
-        meta.GROUP, meta.VERSION, "default", VMS, name, {"metadata": {"annotations": {"addon-test": value}}})
+        meta.GROUP, meta.VERSION, "default", plural, name, {"metadata": {"annotations": {"addon-test": value}}},
+        field_manager=manager)
+
+
+def apply_status(api: client.ApiClient, name: str, status: dict, manager: str, force: bool = True) -> dict:
+    """A server-side apply of the VM's status, as the agents write it."""
+    body = {"apiVersion": meta.API_VERSION, "kind": "VirtualMachine", "metadata": {"name": name}, "status": status}
+    return vms_api(api).patch_namespaced_custom_object_status(
+        meta.GROUP, meta.VERSION, "default", VMS, name, body, field_manager=manager, force=force,
+        _content_type="application/apply-patch+yaml")
 
 
 def legacy_token_kubeconfig(world: AddonWorld) -> Path:
@@ -248,6 +257,32 @@ def test_agent_may_only_modify_vms_of_its_own_node(addon: AddonWorld, pinned_vms
         assert "may not change the node label" in message(refusal) and "of a VirtualMachine" in message(refusal)
         assert get_vm(addon.api, own)["metadata"]["labels"][meta.NODE_LABEL] == "node-a"
 
+        # Each agent writes under its own field managers (<manager>@<node>): one that names another
+        # node's manager is refused, even on its own VM (it would take over, or erase, that agent's fields).
+        current = {"phase": phase(get_vm(addon.api, own))}
+        refusal = denied(lambda: apply_status(agent_a, own, current, meta.agent_manager("node-b")))
+        assert f'field manager "{meta.agent_manager("node-b")}" is not this agent\'s own' in message(refusal)
+        assert "writes as <manager>@node-a" in message(refusal)
+        denied(lambda: annotate(agent_a, own, "a", manager=meta.agent_jobs_manager("node-b")))  # a merge patch too
+        denied(lambda: annotate(agent_a, own, "a", manager=meta.AGENT_MANAGER))  # the node-less name as well
+        # Its own node's manager is accepted (a co-owner of the same value: the agent's own fields stay).
+        apply_status(agent_a, own, current, "addon-test@node-a", force=False)
+        annotate(agent_a, own, "a", manager="addon-test@node-a")
+
+        # VMMigrations are held to the node in their label like VMs (the node that acts on one now).
+        migration = {"apiVersion": meta.API_VERSION, "kind": "VMMigration",
+                     "metadata": {"name": "addon-policy", "labels": {meta.NODE_LABEL: "node-b"}},
+                     "spec": {"vmName": "no-such-vm-addon-policy"}}
+        vms_api(addon.api).create_namespaced_custom_object(meta.GROUP, meta.VERSION, "default", "vmmigrations",
+                                                          migration)
+        try:
+            refusal = denied(lambda: annotate(agent_a, "addon-policy", "a", plural="vmmigrations"))
+            assert 'VMMigration default/addon-policy is placed on node "node-b"' in message(refusal)
+            annotate(agent_b, "addon-policy", "b", plural="vmmigrations", manager=meta.agent_manager("node-b"))
+        finally:
+            vms_api(addon.api).delete_namespaced_custom_object(meta.GROUP, meta.VERSION, "default", "vmmigrations",
+                                                              "addon-policy")
+
         # RBAC, not the policy, keeps agents from creating or deleting VMs.
         refusal = denied(lambda: vms_api(agent_a).delete_namespaced_custom_object(
             meta.GROUP, meta.VERSION, "default", VMS, own))
@@ -302,6 +337,10 @@ def test_components_were_never_refused_and_rbac_holds_no_unused_rule(addon: Addo
         ("controller", "vmsnapshots", "get"), ("controller", "vmsnapshots", "patch"),
         ("controller", "vmsnapshots/status", "patch"),
         ("agent", "vmsnapshots", "get"), ("agent", "vmsnapshots", "patch"), ("agent", "vmsnapshots/status", "patch"),
+        # Nor a migration (tests/e2e/test_migration*.py do): the controller's and the agents' VMMigration rules.
+        *((component, "vmmigrations", verb) for component in ("controller", "agent")
+          for verb in ("get", "list", "watch", "patch")),
+        ("controller", "vmmigrations/status", "patch"), ("agent", "vmmigrations/status", "patch"),
     }
     owners = addon.process_token_ids()
     rendered = yaml.safe_load_all(addon.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
