@@ -28,6 +28,11 @@ def agent_manager(node: str) -> str:
     return f"{AGENT_MANAGER}@{node}"
 
 
+def agent_migration_manager(node: str) -> str:
+    """status.migration: the source writes Migrating/Landed, the target Succeeded (taking it over)."""
+    return f"{AGENT_MANAGER}-migration@{node}"
+
+
 def agent_jobs_manager(node: str) -> str:
     """The agent's long jobs (status.lastRevert, status.migration), beside its reconciler's fields."""
     return f"{AGENT_JOBS_MANAGER}@{node}"
