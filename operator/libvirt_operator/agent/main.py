@@ -13,6 +13,7 @@ from libvirt_operator.agent import health, heartbeat, recovery
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobRunner
 from libvirt_operator.agent.liveupdate.plan import HostCaps
+from libvirt_operator.agent.migration_jobs import MigrationJobs
 from libvirt_operator.agent.reconcile import Reconciler
 from libvirt_operator.agent.snapshot_jobs import SnapshotJobs
 from libvirt_operator.agent.store import VMStore, key_of
@@ -43,6 +44,8 @@ class Agent:
         self.jobs = self.reconciler.jobs = JobRunner(on_done=self._job_done)
         self.snapshot_jobs = self.reconciler.snapshot_jobs = SnapshotJobs(cfg, self.host, self.store,
                                                                           self.snapshots, self.jobs)
+        self.migration_jobs = self.reconciler.migration_jobs = MigrationJobs(cfg, self.host, self.store,
+                                                                             self.snapshots, self.jobs)
         metrics.track(cfg.node_name, self.queue)
         self._tasks: list[asyncio.Task] = []
 
@@ -73,6 +76,7 @@ class Agent:
 
     async def stop(self) -> None:
         self.snapshot_jobs.stop()
+        self.migration_jobs.stop()
         await self.jobs.stop()
         for t in self._tasks:
             t.cancel()
@@ -92,13 +96,18 @@ class Agent:
     def on_snapshot_event(self, event: dict) -> None:
         self.snapshot_jobs.on_event(event)
 
+    def on_migration_event(self, event: dict) -> None:
+        self.migration_jobs.on_event(event)
+
     def _job_done(self, vm_uid: str) -> None:
         key = self.store.key_for_uid(vm_uid)
         if key is not None:
             self.queue.add(key)
             self.snapshot_jobs.handle_for_vm(key)
+            self.migration_jobs.handle_for_vm(key)
         else:
             self.snapshot_jobs.handle_all()
+            self.migration_jobs.handle_all()
 
     def _on_libvirt_event(self, event) -> None:
         if isinstance(event, ConnectionEvent):
@@ -130,6 +139,7 @@ class Agent:
             await asyncio.sleep(self.cfg.resync_seconds)
             self._enqueue_all()
             self.snapshot_jobs.handle_all()
+            self.migration_jobs.handle_all()
 
     async def _recover(self) -> None:
         await asyncio.sleep(3)  # let the initial listing fill the store first
@@ -150,6 +160,7 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
         # Only this node's VMs ever reach this process (server-side label selector).
         settings.watching.label_selectors[meta.GROUP, "virtualmachines"] = f"{meta.NODE_LABEL}={cfg.node_name}"
         settings.watching.label_selectors[meta.GROUP, "vmsnapshots"] = f"{meta.NODE_LABEL}={cfg.node_name}"
+        settings.watching.label_selectors[meta.GROUP, "vmmigrations"] = f"{meta.NODE_LABEL}={cfg.node_name}"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=meta.AGENT_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=meta.AGENT_PREFIX, key="last-handled-configuration")
@@ -170,6 +181,10 @@ def register(cfg: AgentConfig, registry: kopf.OperatorRegistry) -> Agent:
     @kopf.on.event(meta.GROUP, meta.VERSION, "vmsnapshots", registry=registry)
     async def snapshot_event(event, **_):  # in the loop: on_event spawns tasks (a sync handler runs in a thread)
         agent.on_snapshot_event(event)
+
+    @kopf.on.event(meta.GROUP, meta.VERSION, "vmmigrations", registry=registry)
+    async def migration_event(event, **_):  # in the loop, like the others
+        agent.on_migration_event(event)
 
     return agent
 

@@ -14,7 +14,17 @@ from datetime import UTC, datetime
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from libvirt_operator.agent import checks, define, disks, power, power_actions, report, requests, teardown
+from libvirt_operator.agent import (
+    checks,
+    define,
+    disks,
+    migration_jobs,
+    power,
+    power_actions,
+    report,
+    requests,
+    teardown,
+)
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobRunner
 from libvirt_operator.agent.liveupdate.apply import LiveUpdater
@@ -59,6 +69,7 @@ class Reconciler:
         self.snapshots = VMStore()  # this node's VMSnapshots (the agent's watch fills it)
         self.jobs = JobRunner(on_done=lambda uid: None)  # replaced by the agent's runner
         self.snapshot_jobs = None  # agent.snapshot_jobs.SnapshotJobs, set by the agent
+        self.migration_jobs = None  # agent.migration_jobs.MigrationJobs, set by the agent
 
     async def __call__(self, key: Key) -> float | None:
         with metrics.reconcile() as outcome:
@@ -110,6 +121,12 @@ class Reconciler:
             return None
         guest = await self.host.lookup(md["uid"])
         held = self.jobs.busy(md["uid"])
+        if held is None and self.migration_jobs is not None:
+            held = self.migration_jobs.holds(obj)
+            if held is migration_jobs.SKIP:
+                return None  # the domain runs on the migration's target: that agent takes the VM over
+            if guest is not None and held is None:
+                await self.migration_jobs.adopt(obj, (await guest.state()).state == "running")
         if held is None and not deleting and self.snapshot_jobs is not None:
             held = self.snapshot_jobs.start_revert(obj)
         if held is not None:  # a snapshot or revert job owns the VM until it ends (then this VM is looked at again)

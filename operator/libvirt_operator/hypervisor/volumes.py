@@ -110,14 +110,15 @@ async def volume(host: Host, path: str) -> Volume:
 
 
 async def create_volume(host: Host, pool: str, name: str, capacity: int, *, backing: str | None = None,
-                        backing_format: str = "qcow2") -> str:
+                        backing_format: str = "qcow2", fmt: str = "qcow2") -> str:
     """A new qcow2 volume `name` of `capacity` bytes in `pool`, empty, or an overlay on `backing` (a file on that
     host) when given; returns its path. libvirt runs qemu-img on that host itself, so this works remotely (e.g.
-    a target node's leaves before a migration with local disks). VolumeExists when the pool has that name."""
+    a target node's leaves before a migration with local disks). VolumeExists when the pool has that name.
+    `fmt`: the new volume's format (an empty raw file of `capacity` bytes has no backing)."""
     backing_xml = (f"<backingStore><path>{escape(backing)}</path><format type={quoteattr(backing_format)}/>"
                    f"</backingStore>" if backing else "")
     xml = (f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{int(capacity)}</capacity>"
-           f"<target><format type='qcow2'/></target>{backing_xml}</volume>")
+           f"<target><format type={quoteattr(fmt)}/></target>{backing_xml}</volume>")
 
     def blocking() -> str:
         p = host.connection().storagePoolLookupByName(pool)

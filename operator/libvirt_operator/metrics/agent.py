@@ -32,6 +32,43 @@ QUEUE_DEPTH = Gauge(f"{PREFIX}workqueue_depth", "VMs waiting in the agent's work
 QUEUE_IN_PROGRESS = Gauge(f"{PREFIX}workqueue_in_progress", "VMs being reconciled right now.")
 QUEUE_DELAYED = Gauge(f"{PREFIX}workqueue_delayed", "VMs scheduled to be reconciled again later (requeue timers).")
 
+# Migrations, after KubeVirt's kubevirt_vmi_migration_* (the source agent's job reports them).
+MIGRATIONS = Counter(f"{PREFIX}vm_migrations", "Finished migrations by type and result (Succeeded, Failed, Aborted).",
+                     ["node", "type", "result"])
+MIGRATION_SECONDS = Histogram(f"{PREFIX}vm_migration_duration_seconds", "Duration of migration jobs on the source.",
+                              ["node", "type"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
+MIGRATIONS_RUNNING = Gauge(f"{PREFIX}vm_migrations_running", "Migration jobs running on this node (source).",
+                           ["node"])
+_MIGRATION_LABELS = ["node", "namespace", "name"]
+MIGRATION_GAUGES = {
+    field: Gauge(f"{PREFIX}vm_migration_{metric}", help_, _MIGRATION_LABELS)
+    for field, metric, help_ in (
+        ("dataTotalBytes", "data_total_bytes", "Data to migrate (memory and copied disks), bytes."),
+        ("dataProcessedBytes", "data_processed_bytes", "Data migrated so far, bytes."),
+        ("dataRemainingBytes", "data_remaining_bytes", "Data still to migrate, bytes."),
+        ("memoryDirtyRateBytesPerSecond", "dirty_memory_rate_bytes", "Guest memory dirtied per second, bytes."),
+        ("memoryBytesPerSecond", "memory_transfer_rate_bytes", "Memory transferred per second, bytes."),
+        ("iteration", "iteration", "Pre-copy iteration."),
+        ("percent", "percent", "Progress in percent."),
+    )}
+
+
+def migration_started(node: str, kind: str) -> None:
+    MIGRATIONS_RUNNING.labels(node).inc()
+
+
+def migration_finished(node: str, kind: str, result: str, seconds: float) -> None:
+    MIGRATIONS_RUNNING.labels(node).dec()
+    MIGRATIONS.labels(node, kind, result).inc()
+    MIGRATION_SECONDS.labels(node, kind).observe(seconds)
+
+
+def migration_progress(node: str, key: tuple[str, str], progress: dict) -> None:
+    for field, gauge in MIGRATION_GAUGES.items():
+        if progress.get(field) is not None:
+            gauge.labels(node, *key).set(progress[field])
+
+
 # Host methods whose result is a Guest (or None, or a list of Guests): those get proxied too.
 GUEST_FACTORIES = frozenset({"lookup", "lookup_by_name", "define", "domains"})
 
