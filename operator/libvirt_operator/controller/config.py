@@ -16,6 +16,8 @@ class ControllerConfig:
     retry_seconds: float = 5.0  # how often an unplaceable VM is tried again
     liveness_endpoint: str | None = None  # e.g. http://0.0.0.0:8080/healthz
     log_level: str = "INFO"
+    migrations_per_node: int = 2  # active VMMigrations a node takes part in (source or target)
+    migrations_per_cluster: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -33,4 +35,13 @@ class ControllerConfig:
             kwargs["liveness_endpoint"] = env["LVO_LIVENESS_ENDPOINT"]
         if env.get("LVO_LOG_LEVEL"):
             kwargs["log_level"] = env["LVO_LOG_LEVEL"].upper()
+        for key, field in (("LVO_MIGRATIONS_PER_NODE", "migrations_per_node"),
+                           ("LVO_MIGRATIONS_PER_CLUSTER", "migrations_per_cluster")):
+            if env.get(key):
+                try:
+                    kwargs[field] = int(env[key])
+                except ValueError:
+                    raise SystemExit(f"{key} must be a whole number, not {env[key]!r}") from None
+                if kwargs[field] < 1:
+                    raise SystemExit(f"{key} must be at least 1")
         return cls(**kwargs)

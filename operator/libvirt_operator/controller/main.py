@@ -7,7 +7,7 @@ import logging
 import kopf
 
 from libvirt_operator.api import meta
-from libvirt_operator.controller import health, qos_handlers, snapshots, vm_scheduling
+from libvirt_operator.controller import health, migrations, qos_handlers, snapshots, vm_scheduling
 from libvirt_operator.controller.config import ControllerConfig
 from libvirt_operator.metrics import controller as metrics
 
@@ -40,6 +40,7 @@ def build(cfg: ControllerConfig) -> tuple[kopf.OperatorRegistry, vm_scheduling.S
     vm_scheduling.register(registry, scheduler)
     qos_handlers.register(registry)
     snapshots.register(registry)
+    migrations.register(registry, cfg, scheduler.index)
     return registry, scheduler
 
 

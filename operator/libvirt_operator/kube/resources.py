@@ -45,14 +45,15 @@ def json_patch(plural: str, namespace: str, name: str, ops: list[dict]) -> dict:
 
 
 def apply_status(plural: str, namespace: str, name: str, status: dict[str, Any], manager: str,
-                 force: bool = True) -> dict:
+                 force: bool = True, resource_version: str | None = None) -> dict:
     """Server-side apply of the status fields this manager owns (others' fields stay).
 
     With force=False a field that another manager set to a different value is not taken
-    over: the apply fails with ApiException 409 (Conflict) instead.
+    over: the apply fails with ApiException 409 (Conflict) instead. With `resource_version`
+    the apply fails with 409 if the object changed since that version was read.
     """
-    body = {"apiVersion": meta.API_VERSION, "kind": KIND_OF[plural],
-            "metadata": {"name": name, "namespace": namespace}, "status": status}
+    md = {"name": name, "namespace": namespace, **({"resourceVersion": resource_version} if resource_version else {})}
+    body = {"apiVersion": meta.API_VERSION, "kind": KIND_OF[plural], "metadata": md, "status": status}
     return _call("PATCH", _path(plural, namespace, name) + "/status", body,
                  "application/apply-patch+yaml", {"fieldManager": manager, "force": str(force).lower()})
 
