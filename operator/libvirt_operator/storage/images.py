@@ -121,6 +121,42 @@ def create_overlay(path: str, backing: str, backing_format: str, *, roots: Itera
     return chain(path, roots=roots)
 
 
+def create_image(path: str, fmt: str, size: int, *, roots: Iterable[str]) -> None:
+    """A new empty image (qcow2, or a sparse raw file) of `size` bytes at `path`, without backing file."""
+    roots = tuple(roots)
+    path = _new_file(path, roots)
+    if fmt not in ("qcow2", "raw"):
+        raise StorageError("UnsupportedFormat", f"format {fmt!r} (qcow2 or raw)")
+    tmp = _temp_beside(path)
+    try:
+        _qemu_img("create", "-q", "-f", fmt, tmp, str(size))
+    except StorageError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    _publish(tmp, path)
+
+
+def set_backing(path: str, backing: str, backing_format: str, *, roots: Iterable[str]) -> None:
+    """Rewrites the backing file name in the header of the qcow2 `path` (qemu-img rebase -u: no data is
+    read or written), e.g. for a copied middle layer whose backing file was copied too."""
+    roots = tuple(roots)
+    path, backing = _existing_file(path, roots), confine(backing, roots)
+    _qemu_img("rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", backing, path)
+
+
+def backing_file(path: str, *, roots: Iterable[str]) -> tuple[str, str] | None:
+    """(backing path, its format) as the header of `path` names it, or None; the backing file itself is
+    not opened (it may be gone)."""
+    path = _existing_file(path, roots)
+    entry = json.loads(_qemu_img("info", "-U", "--output=json", path).stdout)
+    name = entry.get("full-backing-filename") or entry.get("backing-filename")
+    if not name:
+        return None
+    name = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+    return os.path.normpath(name), entry.get("backing-filename-format", "")
+
+
 def info(path: str, *, roots: Iterable[str]) -> list[dict[str, Any]]:
     """`qemu-img info --backing-chain --output=json` of `path`: one entry per layer, active first."""
     path = _existing_file(path, roots)
