@@ -15,12 +15,14 @@ IMG = "/var/lib/libvirt/images"
 EXPECTED = {"list", "domblklist", "domiflist", "start", "shutdown", "destroy", "suspend", "resume", "reboot", "reset",
             "restart", "setvcpus", "setmem", "vcpupin", "emulatorpin", "attach-disk", "detach-disk", "change-media",
             "blockresize", "attach-interface", "detach-interface", "domiftune", "schedinfo", "memtune", "blkdeviotune",
-            "snapshot-create-as", "snapshot-list", "snapshot-revert", "snapshot-delete", "save", "restore"}
+            "snapshot-create-as", "snapshot-list", "snapshot-revert", "snapshot-delete", "save", "restore",
+            "migrate", "migrate-cancel", "blockcopy", "domjobinfo"}
 
 
 def test_the_table_has_every_verb_in_its_module_and_the_parser_has_the_table():
     assert set(VERBS) == EXPECTED
-    assert {v.group for v in VERBS.values()} == {"info", "power", "resources", "devices", "qos", "snapshots"}
+    assert {v.group for v in VERBS.values()} == {"info", "power", "resources", "devices", "qos", "snapshots",
+                                                 "migrate"}
     sub = next(a for a in virsh.parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == EXPECTED
 
