@@ -158,8 +158,7 @@ def operator_up(world: World) -> str:
         ops.stop()
     wanted = {"controller": lambda: ops.start_controller(cp.kubeconfig)}
     for node in nodes:
-        wanted[f"agent-{node.name}"] = lambda node=node: ops.start_agent(
-            node.name, node.uri, cp.kubeconfig, [storage], storage / "console")
+        wanted[f"agent-{node.name}"] = lambda node=node: ops.start_node_agent(node, cp.kubeconfig, storage)
     report = []
     for name, start in wanted.items():
         ref = ops.processes.get(name)

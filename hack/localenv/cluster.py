@@ -83,5 +83,5 @@ def install(cp: ControlPlane, nodes: list[LibvirtNode], storage_dir: Path, image
     ops = OperatorProcesses(world_dir)
     ops.start_controller(cp.kubeconfig)
     for node in nodes:
-        ops.start_agent(node.name, node.uri, cp.kubeconfig, [storage_dir], storage_dir / "console")
+        ops.start_node_agent(node, cp.kubeconfig, storage_dir)
     return Cluster(cp, nodes, ops, storage_dir, stage_image(image, storage_dir))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localenv import procs
+from localenv.nodes import LibvirtNode
 
 NAMESPACE = "libvirt-operator-system"
 
@@ -21,6 +22,11 @@ def _metrics_env() -> dict[str, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return {"LVO_METRICS_PORT": str(port), "LVO_METRICS_ADDRESS": "127.0.0.1"}
+
+
+def local_root(node: LibvirtNode) -> Path:
+    """A node's local (unshared) storage root in the world: <world>/nodes/<name>/local-images."""
+    return node.state_dir / "local-images"
 
 
 @dataclass
@@ -38,14 +44,33 @@ class OperatorProcesses:
         return self._start("controller", [sys.executable, "-m", "libvirt_operator.controller"], env)
 
     def start_agent(self, node_name: str, libvirt_uri: str, kubeconfig: Path, storage_roots: list[Path],
-                    console_dir: Path, namespace: str = NAMESPACE) -> procs.ProcessRef:
+                    console_dir: Path, namespace: str = NAMESPACE, *,
+                    shared_storage_roots: list[Path] | tuple[Path, ...] = (),
+                    migration_uri: str | None = None, migration_address: str | None = None) -> procs.ProcessRef:
         console_dir.mkdir(parents=True, exist_ok=True)
         env = {
             "KUBECONFIG": str(kubeconfig), "LVO_NAMESPACE": namespace, "NODE_NAME": node_name,
             "LIBVIRT_URI": libvirt_uri, "LVO_STORAGE_ROOTS": ":".join(map(str, storage_roots)),
             "LVO_CONSOLE_LOG_DIR": str(console_dir), **_metrics_env(),
         }
+        if shared_storage_roots:
+            env["LVO_SHARED_STORAGE_ROOTS"] = ":".join(map(str, shared_storage_roots))
+        if migration_uri:
+            env["LVO_MIGRATION_URI"] = migration_uri
+        if migration_address:
+            env["LVO_MIGRATION_ADDRESS"] = migration_address
         return self._start(f"agent-{node_name}", [sys.executable, "-m", "libvirt_operator.agent"], env)
+
+    def start_node_agent(self, node: LibvirtNode, kubeconfig: Path, storage_dir: Path,
+                         namespace: str = NAMESPACE) -> procs.ProcessRef:
+        """The world's agent of a libvirt node: the shared `storage_dir` (declared shared: every node sees it
+        at the same path) plus the node's own local root (a different path per node, for whole-machine
+        migrations), migrations over the node's TCP URI with the data streams on loopback."""
+        local = local_root(node)
+        local.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return self.start_agent(node.name, node.uri, kubeconfig, [storage_dir, local], storage_dir / "console",
+                                namespace, shared_storage_roots=[storage_dir], migration_uri=node.uri,
+                                migration_address="127.0.0.1")
 
     def restart(self, name: str) -> procs.ProcessRef:
         """Start a stopped or killed component again with the environment it had."""
