@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import libvirt
 from kubernetes import client
@@ -145,3 +146,60 @@ def wait_guest(dom: libvirt.virDomain, command: str, check: Callable[[str], bool
             return out
         time.sleep(0.3)
     raise AssertionError(f"guest: timed out waiting for {what}; last output of {command!r}: {out!r}")
+
+
+# -- where a VM runs: QEMU processes and libvirt definitions per node (for migrations) -------------
+
+def qemu_pids(uuid: str) -> list[int]:
+    """Every QEMU process of domain `uuid` on this machine (all nodes share the host's PID namespace)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-system-x86_64") and uuid.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def domain_state(node, uuid: str) -> str:
+    """'absent', or 'running'/'paused'/'shutoff'/... plus '+persistent' or '+transient', of domain `uuid`
+    as node's libvirtd sees it."""
+    conn = libvirt.open(node.uri)
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "absent"
+            raise
+        names = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+                 libvirt.VIR_DOMAIN_SHUTOFF: "shutoff"}
+        state = names.get(dom.state()[0], f"state-{dom.state()[0]}")
+        return f"{state}+{'persistent' if dom.isPersistent() else 'transient'}"
+    finally:
+        conn.close()
+
+
+def placement_facts(cluster: Cluster, uuid: str) -> dict:
+    """Each node's libvirt view of the domain, and which node owns each of its QEMU processes."""
+    pids = qemu_pids(uuid)
+    return {"domains": {n.name: domain_state(n, uuid) for n in cluster.nodes},
+            "qemu": {pid: [n.name for n in cluster.nodes if n._owns(pid)] for pid in pids}}
+
+
+def wait_runs_only_on(cluster: Cluster, uuid: str, node: str, timeout: float = 90) -> int:
+    """Waits until domain `uuid` runs (persistent) on `node` alone: exactly one QEMU on the machine, owned by
+    that node, and no definition (persistent or transient) on any other node. Returns the QEMU pid."""
+    want = {n.name: ("running+persistent" if n.name == node else "absent") for n in cluster.nodes}
+    deadline = time.monotonic() + timeout
+    while True:
+        facts = placement_facts(cluster, uuid)
+        if facts["domains"] == want and list(facts["qemu"].values()) == [[node]]:
+            return next(iter(facts["qemu"]))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"domain {uuid} does not run on {node} alone: {facts}")
+        time.sleep(0.3)
