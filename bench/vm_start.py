@@ -14,12 +14,16 @@ libvirt lifecycle events received by this process (nothing polls):
         -> defined       libvirt DEFINED event
         -> running       libvirt STARTED event
         -> Ready         the agent's Ready=True in status (compared with raw's running)
-  delete -> domain gone  libvirt UNDEFINED event
+  delete -> deleting     the watch shows deletionTimestamp (operator only: the API server's part)
+         -> stopped      libvirt STOPPED event (the destroy done)
+         -> domain gone  libvirt UNDEFINED event
          -> object gone  the watch's DELETED (compared with raw's domain gone)
 
 Prints p50 / p95 / max per phase and the operator/raw ratios, checks issue 11's targets, counts
 the node's processes with the largest burst running (nothing per VM but QEMU), and writes
-bench/results/vm_start.json (bench/report.py draws the chart).
+bench/results/vm_start.json (bench/report.py draws the chart). --profile DIR: py-spy stacks of the
+controller and agent for the largest burst's start and its delete apart, their logs (the agent logs each
+teardown's steps in ms) and the wall-clock time of each delete call (delete-wall.json).
 
     .venv/bin/python bench/vm_start.py [--sizes 1,10,50] [--repeat 5] [--profile DIR]
 """
@@ -27,6 +31,9 @@ bench/results/vm_start.json (bench/report.py draws the chart).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,13 +52,16 @@ from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain.render import render_domain
 
 START_PHASES = ("scheduled", "defined", "running", "ready")
-DELETE_PHASES = ("domain_gone", "object_gone")
+DELETE_PHASES = ("deleting", "stopped", "domain_gone", "object_gone")
 # operator phase -> the raw phase it is compared with
 RAW_OF = {"defined": "defined", "running": "running", "ready": "running",
-          "domain_gone": "domain_gone", "object_gone": "domain_gone"}
+          "stopped": "stopped", "domain_gone": "domain_gone", "object_gone": "domain_gone"}
 LABELS = {"scheduled": "apply -> Scheduled", "defined": "      -> defined", "running": "      -> running (libvirt)",
-          "ready": "      -> Ready", "domain_gone": "delete -> domain gone", "object_gone": "       -> object gone"}
+          "ready": "      -> Ready", "deleting": "delete -> watch: deleting",
+          "stopped": "       -> domain stopped",
+          "domain_gone": "       -> domain gone", "object_gone": "       -> object gone"}
 TIMEOUT = 900
+DELETE_WALL: dict[str, float] = {}  # VM -> wall-clock time of its delete call
 
 
 def raw_burst(uri: str, spec: dict, console_dir: Path, names: list[str], events: b.DomainEvents) -> dict:
@@ -93,12 +103,13 @@ def raw_burst(uri: str, spec: dict, console_dir: Path, names: list[str], events:
     return {
         "defined": [ev[n]["defined"] - began[n] for n in names],
         "running": [ev[n]["started"] - began[n] for n in names],
+        "stopped": [ev[n]["stopped"] - ended[n] for n in names],
         "domain_gone": [ev[n]["undefined"] - ended[n] for n in names],
     }
 
 
 def operator_burst(api: client.ApiClient, vms: b.VMWatch, events: b.DomainEvents, spec: dict, names: list[str],
-                   node: str, at_peak=None) -> dict:
+                   node: str, at_peak=None, around=lambda phase: contextlib.nullcontext()) -> dict:
     """Create all at once, wait for Ready, then delete all at once and wait until objects and domains are gone."""
     crd = client.CustomObjectsApi(api)
     for n in names:
@@ -112,22 +123,23 @@ def operator_burst(api: client.ApiClient, vms: b.VMWatch, events: b.DomainEvents
                                                   b.vm_body(name, {**spec, "nodeName": node}))
         uids[name] = obj["metadata"]["uid"]
 
-    with ThreadPoolExecutor(min(len(names), 8)) as pool:
+    with around("start"), ThreadPoolExecutor(min(len(names), 8)) as pool:
         list(pool.map(create, names))
-    vms.wait(names, "ready", TIMEOUT)
-    events.wait(uids.values(), "started", TIMEOUT)
+        vms.wait(names, "ready", TIMEOUT)
+        events.wait(uids.values(), "started", TIMEOUT)
     if at_peak is not None:
         at_peak()
     ended: dict[str, float] = {}
 
     def delete(name: str) -> None:
         ended[name] = time.perf_counter()
+        DELETE_WALL[name] = time.time()  # against the agent's log (--profile)
         crd.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, b.NS, "virtualmachines", name)
 
-    with ThreadPoolExecutor(min(len(names), 8)) as pool:
+    with around("delete"), ThreadPoolExecutor(min(len(names), 8)) as pool:
         list(pool.map(delete, names))
-    vms.wait(names, "deleted", TIMEOUT)
-    events.wait(uids.values(), "undefined", TIMEOUT)
+        vms.wait(names, "deleted", TIMEOUT)
+        events.wait(uids.values(), "undefined", TIMEOUT)
     m = {n: vms.marks[n] for n in names}
     ev = {n: events.marks[uids[n]] for n in names}
     return {
@@ -135,6 +147,8 @@ def operator_burst(api: client.ApiClient, vms: b.VMWatch, events: b.DomainEvents
         "defined": [ev[n]["defined"] - began[n] for n in names],
         "running": [ev[n]["started"] - began[n] for n in names],
         "ready": [m[n]["ready"] - began[n] for n in names],
+        "deleting": [m[n]["deleting"] - ended[n] for n in names],
+        "stopped": [ev[n]["stopped"] - ended[n] for n in names],
         "domain_gone": [ev[n]["undefined"] - ended[n] for n in names],
         "object_gone": [m[n]["deleted"] - ended[n] for n in names],
     }
@@ -186,10 +200,11 @@ def process_census(node) -> dict[str, int]:
 
 
 class Profiler:
-    """py-spy record of the controller and the agent while the largest burst runs."""
+    """py-spy record of the controller and the agent while the largest burst starts or is deleted
+    (`<process>-<phase>.txt`: collapsed stacks, threads and idle frames included)."""
 
-    def __init__(self, outdir: Path | None, pids: dict[str, int]):
-        self.outdir, self.pids, self.procs = outdir, pids, []
+    def __init__(self, outdir: Path | None, pids: dict[str, int], phase: str):
+        self.outdir, self.pids, self.phase, self.procs = outdir, pids, phase, []
 
     def __enter__(self):
         if self.outdir:
@@ -197,8 +212,8 @@ class Profiler:
             spy = Path(sys.executable).with_name("py-spy")
             for name, pid in self.pids.items():
                 self.procs.append(subprocess.Popen(
-                    [str(spy), "record", "-p", str(pid), "-r", "50", "-f", "raw", "-o",
-                     str(self.outdir / f"{name}.txt"), "--nonblocking"],
+                    [str(spy), "record", "-p", str(pid), "-r", "100", "-f", "raw", "--threads", "--idle", "-o",
+                     str(self.outdir / f"{name}-{self.phase}.txt"), "--nonblocking"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return self
 
@@ -222,7 +237,7 @@ def main() -> None:
         spec = b.kernel_spec(cluster.image)
         console = cluster.storage_dir / "console"
         api = w.api
-        vms = b.VMWatch(api)
+        vms = b.VMWatch(api, predicates={"deleting": lambda vm: bool(vm["metadata"].get("deletionTimestamp"))})
         events = b.DomainEvents(node.uri)
         pids = {name: ref.pid for name, ref in cluster.operator.processes.items()}
         try:
@@ -247,8 +262,14 @@ def main() -> None:
                         census[f"{size}_running"] = process_census(node)
 
                     meter = b.CPUMeter(pids).start()
-                    with Profiler(profile, pids):
-                        op_runs.append(operator_burst(api, vms, events, spec, names, node.name, at_peak=peak))
+                    op_runs.append(operator_burst(api, vms, events, spec, names, node.name, at_peak=peak,
+                                                  around=lambda phase, p=profile: Profiler(p, pids, phase)))
+                    if profile:  # the agent's log (its actions, with ms timestamps) beside the stacks
+                        for name in pids:
+                            log = cluster.operator.dir / f"{name}.log"
+                            if log.exists():
+                                shutil.copy(log, profile / f"{name}.log")
+                        (profile / "delete-wall.json").write_text(json.dumps({n: DELETE_WALL[n] for n in names}))
                     for proc, spent in meter.stop().items():
                         cpu.setdefault(str(size), {}).setdefault(proc, 0.0)
                         cpu[str(size)][proc] += spent / (size * runs)
