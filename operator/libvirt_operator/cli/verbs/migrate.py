@@ -77,8 +77,7 @@ def generated_name(vm_name: str, what: str) -> str:
 
 def _refuse_stopped(vm: dict) -> None:
     if power_state(vm) == "Stopped" or (vm.get("status") or {}).get("phase") == "Stopped":
-        raise Refused(f"{_name(vm)} is not running: only a running (or paused) VM is migrated (VMNotRunning); "
-                      "a stopped VM moves by setting its spec.nodeName")
+        raise Refused(f"{_name(vm)} is not running: only a running (or paused) VM is migrated (VMNotRunning)")
 
 
 def _body(vm: dict, name: str | None, what: str, migration_spec: dict) -> dict:
