@@ -172,6 +172,15 @@ def validate(migration: Mapping, vm: Mapping | None, snapshots: Iterable[Mapping
                    f"{source}", phase="PreChecking", source=source, target=target, label=target)
 
 
+def undecided_elders(migration: Mapping, migrations: Iterable[MigrationRef]) -> list[MigrationRef]:
+    """The older VMMigrations of the same VM not validated yet (no phase), oldest first: the older one
+    wins, so they are decided first (one may fail, and then no longer stands in the way)."""
+    me = migration_ref(migration)
+    return sorted((m for m in migrations if m.uid != me.uid and m.namespace == me.namespace
+                   and m.vm_name == me.vm_name and m.phase is None and not m.deleting and m.key < me.key),
+                  key=lambda m: m.key)
+
+
 def _migration_in_progress(me: MigrationRef, others: list[MigrationRef], vm_migration: Mapping | None) -> str | None:
     for other in sorted(others, key=lambda m: m.key):
         if other.active or other.key < me.key:  # the older one wins
@@ -285,7 +294,8 @@ def advance(migration: Mapping) -> Step | None:
 class HandOver:
     flip_to: str | None = None  # set the VM's node label to this node (conditional on its resourceVersion)
     retire: str | None = None  # the source node whose agent's status field managers go
-    keep_migration_as: str | None = None  # before the retire: this node's jobs manager co-owns status.migration
+    # before the retire: this node's agent managers co-own status.migration and status.phase as they are
+    keep_migration_as: str | None = None
     phase: str | None = None  # the VMMigration's next phase: HandingOver | Succeeded
 
     def __bool__(self) -> bool:

@@ -52,6 +52,10 @@ class Conflict(Exception):
     """A conditional write kept conflicting: the key is tried again later."""
 
 
+class _ReadAgain(Exception):
+    """Decide on a fresh read (other objects changed first)."""
+
+
 class Migrations:
     def __init__(self, operator_namespace: str, limits: plan.Limits, retry_seconds: float = 5.0,
                  index: VMIndex | None = None):
@@ -168,17 +172,19 @@ class Migrations:
 
     # -- a VMMigration
 
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def reconcile(self, namespace: str, name: str, depth: int = 0) -> None:
         for _ in range(ATTEMPTS):
             obj = await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
             try:
                 if (obj.get("status") or {}).get("phase") in (None, "Pending"):
-                    await self._validate(obj)
+                    await self._validate(obj, depth)
                 else:
                     await self._advance(obj)
                 return
+            except _ReadAgain:
+                continue
             except ApiException as exc:
                 if exc.status == 404:
                     return
@@ -186,7 +192,7 @@ class Migrations:
                     raise
         raise Conflict("the VMMigration kept changing under the controller's writes")
 
-    async def _validate(self, obj: dict) -> None:
+    async def _validate(self, obj: dict, depth: int = 0) -> None:
         md, spec = obj["metadata"], obj["spec"]
         ns = md["namespace"]
         vm = await asyncio.to_thread(resources.get, resources.VMS, ns, spec["vmName"])
@@ -195,9 +201,14 @@ class Migrations:
         snap = cluster.Snapshot([], set())
         view: placement.View = placement.ListView([])
         if vm is not None:
-            snapshots = await asyncio.to_thread(_snapshots, ns)
             migrations = [plan.migration_ref(m) for m in await asyncio.to_thread(
                 resources.list_all, resources.MIGRATIONS)]
+            elders = plan.undecided_elders(obj, migrations)
+            if elders and depth < ATTEMPTS:  # the older one wins: decide it first, then this one afresh
+                for elder in elders:
+                    await self.reconcile(elder.namespace, elder.name, depth + 1)
+                raise _ReadAgain
+            snapshots = await asyncio.to_thread(_snapshots, ns)
             if (spec.get("type") or "Live") in plan.MOVING_TYPES:
                 snap = await asyncio.to_thread(cluster.read, spec.get("targetNode"), self.operator_namespace)
                 view = await self._view()
@@ -323,10 +334,16 @@ class Migrations:
             return True
         if step.retire:
             if step.keep_migration_as:
-                # status.migration (the durable fact) must outlive the source's jobs manager: the target's
-                # co-owns it first, with the very value read (conditional: never over a newer write).
+                # status.migration (the durable fact) and status.phase (the domain runs, on the target now)
+                # must outlive the source's managers: the target's co-own them first, with the very values
+                # read (conditional on the version read: never over a newer write).
+                keep = step.keep_migration_as
+                phase = (vm.get("status") or {}).get("phase")
+                if phase:
+                    rv = (await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {"phase": phase},
+                                                  meta.agent_manager(keep), False, rv))["metadata"]["resourceVersion"]
                 await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {"migration": fact},
-                                        meta.agent_jobs_manager(step.keep_migration_as), False, rv)
+                                        meta.agent_jobs_manager(keep), False, rv)
             for manager in plan.retired_managers(step.retire):
                 await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
             log.info("VM %s/%s: the status field managers of node %s's agent retired", ns, name, step.retire)

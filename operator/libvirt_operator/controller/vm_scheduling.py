@@ -246,8 +246,9 @@ class Scheduler:
 
     async def _report_scheduled(self, vm: dict, node: str, decision: Decision | None) -> None:
         old = schedule_status.find_condition(vm)
-        if decision is None:  # placed earlier (e.g. before a restart): keep what was said then
-            keep = old is not None and old.get("status") == "True"
+        if decision is None:  # placed earlier (e.g. before a restart): keep what was said then, unless it moved
+            keep = (old is not None and old.get("status") == "True"
+                    and (vm.get("status") or {}).get("nodeName") in (None, node))
             decision = Decision(node, placement.SCHEDULED, old["message"] if keep else f"placed on node {node}")
         new_event = old is None or old.get("status") != "True"
         await apply_status(vm, lambda with_phase: schedule_status.scheduled(vm, node, decision.message, with_phase))

@@ -362,3 +362,12 @@ def test_limits_from_the_environment():
     for bad in ("0", "two"):
         with pytest.raises(SystemExit, match="LVO_MIGRATIONS_PER_NODE"):
             ControllerConfig.from_env({"LVO_MIGRATIONS_PER_NODE": bad})
+
+
+def test_older_undecided_migrations_of_the_vm_are_decided_first():
+    me = mig(name="m5", created=T1)
+    others = [ref("m0", None, vm_name="web", created=T0), ref("m1", None, vm_name="web", created=T1),
+              ref("m9", None, vm_name="web", created=T1),  # younger (same second, later name)
+              ref("m2", "Failed", vm_name="web", created=T0), ref("m3", "PreChecking", vm_name="web", created=T0),
+              ref("m4", None, vm_name="db", created=T0), plan.migration_ref(me)]
+    assert [m.name for m in plan.undecided_elders(me, others)] == ["m0", "m1"]
