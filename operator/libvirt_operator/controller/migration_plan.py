@@ -143,8 +143,7 @@ def validate(migration: Mapping, vm: Mapping | None, snapshots: Iterable[Mapping
     phase = vm_status.get("phase")
     if phase != "Running":
         return _fail(VM_NOT_RUNNING, f"VirtualMachine {vm_id} is {phase or 'not running yet'}: only a running VM "
-                     "is migrated (a stopped one has no live state to move; change spec.nodeName or its disk "
-                     "paths instead)")
+                     "is migrated (a stopped one has no live state to move); start it first")
     others = [m for m in migrations if m.uid != me.uid and m.namespace == me.namespace and m.vm_name == me.vm_name
               and not m.finished]
     busy = _migration_in_progress(me, others, vm_status.get("migration"))

@@ -352,6 +352,8 @@ class Migrations:
             await self._apply(migration, plan.handing_over_status(migration),
                               migration["metadata"]["resourceVersion"])
             self.phases[migration["metadata"]["uid"]] = "HandingOver"
+            log.info("VMMigration %s/%s: HandingOver (the agent of node %s takes the VM over)", ns,
+                     migration["metadata"]["name"], fact.get("targetNode"))
             return True
         if step.phase == "Succeeded":
             done = await self._apply(migration, plan.succeeded_status(migration, plan.now_utc()),

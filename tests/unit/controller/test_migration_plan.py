@@ -371,3 +371,21 @@ def test_older_undecided_migrations_of_the_vm_are_decided_first():
               ref("m2", "Failed", vm_name="web", created=T0), ref("m3", "PreChecking", vm_name="web", created=T0),
               ref("m4", None, vm_name="db", created=T0), plan.migration_ref(me)]
     assert [m.name for m in plan.undecided_elders(me, others)] == ["m0", "m1"]
+
+
+def test_migrations_by_phase_are_exported_with_zeros():
+    from prometheus_client import REGISTRY
+
+    from libvirt_operator.metrics import controller as metrics
+
+    metrics.track_migrations(lambda: {"Running": 2, "Pending": 1})
+    try:
+        assert REGISTRY.get_sample_value("libvirt_operator_migrations", {"phase": "Running"}) == 2
+        assert REGISTRY.get_sample_value("libvirt_operator_migrations", {"phase": "HandingOver"}) == 0
+        before = REGISTRY.get_sample_value("libvirt_operator_migrations_finished_total",
+                                           {"type": "Live", "result": "Succeeded"}) or 0
+        metrics.migration_finished("Live", "Succeeded", 1.5)
+        assert REGISTRY.get_sample_value("libvirt_operator_migrations_finished_total",
+                                         {"type": "Live", "result": "Succeeded"}) == before + 1
+    finally:
+        metrics.track_migrations(dict)
