@@ -82,6 +82,7 @@ class _Move:
         self.made: set[str] = set()  # files this process created
         self.fresh_leaves: set[str] = set()  # leaves made by this process and not yet given to a copy job
         self.reentered = False
+        self.written_step: str | None = None
         self.t0 = time.monotonic()
 
     # -- status -----------------------------------------------------------------------------------------
@@ -89,9 +90,12 @@ class _Move:
     async def write(self, **fields) -> None:
         self.fields.update(fields)
         await self.ctx.write(fields)
+        if "step" in fields:
+            self.written_step = fields["step"]
 
     async def step_to(self, step: str) -> None:
-        await self.write(step=step)
+        if self.written_step != step:  # once per step by this process (a re-entered run writes it again)
+            await self.write(step=step)
 
     def _spec(self) -> dict:
         return self.ctx.spec or {}
@@ -132,6 +136,14 @@ class _Move:
 
     async def _plan(self, ours: frozenset[str]) -> sp.Plan:
         live = await common.disk_states(self.guest)
+        for d in self.fields.get("disks") or [] if ours else []:
+            # Re-entered at Pivot: a disk that pivoted already is planned from its old chain (its old leaf is
+            # still there, with its header: nothing is removed before Cleanup), as the first run planned it.
+            state = live.get(d.get("name"))
+            if state is not None and d.get("sourceFile") and state.chain.active.path == os.path.normpath(
+                    d.get("destinationFile") or "/"):
+                old = await common.blocking(images.chain, d["sourceFile"], roots=self.ctx.roots)
+                live[d["name"]] = type(state)(state.name, state.target, old)
         return sp.plan_storage(self._spec().get("disks") or [], (self.ctx.vm or {}).get("spec") or {}, live,
                                await self._recorded(), self.ctx.roots, ours=ours)
 
