@@ -41,6 +41,8 @@ pytestmark = pytest.mark.world
 NS = "test"
 PARENT_SECTOR = 100  # written into the raw parent on the host before the boot
 PARENT_TEXT = "M2-PARENT-BYTES"
+RAW_SECTORS = 32768  # a 16 MiB raw disk: its leaf is raw and has no backing file
+TARGETS = {"root": "vda", "data": "vdb", "scratch": "vdc"}
 STEPS = ["CopyParents", "PrepareLeaves", "Copying", "Pivot", "Record", "Cleanup", "Done"]
 
 
@@ -117,8 +119,8 @@ class World:
         async def write_vm(state: str, message: str) -> None:
             self.vm_states.append((state, message))
 
-        async def record(guest, chains) -> None:  # the agent's own: the definition and metadata follow
-            await disks.record(self.host, guest, chains)
+        async def record(guest, chains, origins=None) -> None:  # the agent's own: definition and metadata follow
+            await disks.record(self.host, guest, chains, origins)
             self.recorded.update({n: list(c.paths) for n, c in chains.items()})
 
         async def event(reason: str, message: str, warning: bool) -> None:
@@ -188,6 +190,7 @@ class GuestProof:
         assert self.markers <= self.vm.markers(), "RAM markers survive"
         assert self.vm.read_disk(DATA_SECTORS) == self.data, "the data disk's bytes are intact"
         assert self.sector(ROOT_SECTORS, PARENT_SECTOR) == PARENT_TEXT, "the parent's bytes are intact"
+        assert self.vm.read_disk(RAW_SECTORS) == "M2-RAW-0", "the raw disk's bytes are intact"
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +212,8 @@ def world(host, libvirt_nodes, guest_image, storage_dir, roots):
     home = storage_dir / f"{name}-home"
     home.mkdir()
     base, leaf, data = home / f"{name}-root-base.raw", home / f"{name}-root.qcow2", home / f"{name}-data.qcow2"
+    scratch = home / f"{name}-scratch.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(scratch), "16M"], check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "64M"], check=True)
     with open(base, "r+b") as f:
         f.seek(PARENT_SECTOR * 512)
@@ -216,7 +221,8 @@ def world(host, libvirt_nodes, guest_image, storage_dir, roots):
     images.create_overlay(str(leaf), str(base), "raw", roots=roots)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "32M"], check=True)
     specs = [{"name": "root", "path": str(leaf), "format": "qcow2"},
-             {"name": "data", "path": str(data), "format": "qcow2"}]
+             {"name": "data", "path": str(data), "format": "qcow2"},
+             {"name": "scratch", "path": str(scratch), "format": "raw"}]
     vm = None
     try:
         vm = boot(host, libvirt_nodes[0].uri, guest_image, storage_dir, name, specs)
@@ -225,6 +231,7 @@ def world(host, libvirt_nodes, guest_image, storage_dir, roots):
         w.guest.boot_id, w.guest.pid = vm.boot_id(), vm.pid()
         w.guest.mark("boot")
         w.guest.write_data("M2-DATA-0")
+        vm.write_disk(RAW_SECTORS, "M2-RAW-0")
         w.guest.uptime()
         yield w
     finally:
@@ -241,7 +248,8 @@ def new_dir(world: World, tag: str) -> Path:
 def moves_into(world: World, d: Path, tag: str) -> list[dict]:
     name = world.obj["metadata"]["name"]
     return [{"name": "root", "destinationPath": str(d / f"{name}-root.{tag}.qcow2")},
-            {"name": "data", "destinationPath": str(d / f"{name}-data.{tag}.qcow2")}]
+            {"name": "data", "destinationPath": str(d / f"{name}-data.{tag}.qcow2")},
+            {"name": "scratch", "destinationPath": str(d / f"{name}-scratch.{tag}.img")}]
 
 
 def assert_clean(world: World) -> None:
@@ -265,7 +273,7 @@ def assert_moved(world: World, st: dict, moves: list[dict], before: dict) -> dic
     assert st["conditions"][0]["status"] == "True" and st["progress"]["percent"] == 100
     assert world.vm_states[-1][0] == "Succeeded"
     chains = world.vm.chains()
-    targets = {"root": "vda", "data": "vdb"}
+    targets = TARGETS
     by_name = {d["name"]: d for d in st["disks"]}
     inactive = run(common.disk_states(world.vm.guest, inactive=True))
     own = DomainConfig.from_xml(run(world.vm.guest.xml(inactive=True))).operator_metadata
@@ -281,12 +289,15 @@ def assert_moved(world: World, st: dict, moves: list[dict], before: dict) -> dic
         assert d["sourceFile"] == before[targets[name]].active.path
         assert inactive[name].chain.active.path == dest, "the persistent definition is on the new leaf"
         assert own.disks[name].paths == chain.paths, "the disk record is the new chain"
+        stored = DomainConfig.from_xml(run(world.vm.guest.xml(inactive=True)))
+        assert disks.record_from(stored, world.obj)[name].paths == chain.paths, \
+            "the reconciler renders the disk on its new files although the spec names the old one"
         assert world.recorded[name] == list(chain.paths)
         for old in before[targets[name]].paths:
             if old in chain:
                 continue
             assert os.path.exists(old) == (old in held), (old, held)
-    assert not run(world.vm.guest.block_job_info("vda")) and not run(world.vm.guest.block_job_info("vdb"))
+    assert not any(run(world.vm.guest.block_job_info(t)) for t in TARGETS.values())
     assert run(world.vm.guest.call(lambda dom: dom.isPersistent())), "never undefined (TRANSIENT_JOB)"
     return chains
 
@@ -359,7 +370,9 @@ def test_move_both_disks_while_the_guest_runs(world):
     new_base = str(d / f"{name}-root-base.raw")
     assert list(chains["vda"].paths) == [moves[0]["destinationPath"], new_base]
     assert list(chains["vdb"].paths) == [moves[1]["destinationPath"]]
-    assert {x["name"]: x["copiedFiles"] for x in st["disks"]} == {"root": [new_base], "data": []}
+    assert list(chains["vdc"].paths) == [moves[2]["destinationPath"]] and chains["vdc"].active.format == "raw", \
+        "a raw leaf moves to a raw file (copied whole)"
+    assert {x["name"]: x["copiedFiles"] for x in st["disks"]} == {"root": [new_base], "data": [], "scratch": []}
     assert os.stat(new_base).st_blocks * 512 < 1 << 20, "the parent copy is sparse"
     for layer in before.values():
         for p in layer.paths:
@@ -379,11 +392,11 @@ def test_old_files_a_snapshot_holds_are_kept_and_a_three_layer_chain_moves(world
     g = world.guest
     name = world.obj["metadata"]["name"]
     chains = world.vm.chains()
-    s1 = {t: c.active.path.replace(".qcow2", ".s1.qcow2") for t, c in chains.items()}
+    s1 = {t: f"{os.path.splitext(c.active.path)[0]}.s1.qcow2" for t, c in chains.items()}
     run(world.vm.guest.snapshot_external(s1))
     run(disks.record(world.host, world.vm.guest, {n: s.chain for n, s in run(common.disk_states(world.vm.guest))
                                                   .items()}))
-    world.snapshots["s1"] = [*chains["vda"].paths, *chains["vdb"].paths]
+    world.snapshots["s1"] = [p for c in chains.values() for p in c.paths]
     g.mark("after-snapshot")
     g.write_data("M2-DATA-2")
     before = world.vm.chains()
@@ -438,10 +451,10 @@ def test_reentry_after_a_kill_at_each_step(world, kill_at, after_write):
     assert recorded == expected, mig["status"]
     g.prove_same()  # killed mid-way: the guest runs on, whatever step
     if kill_at == "lost-job":  # libvirt lost the copy job (e.g. restarted): the re-entered run starts it again
-        for target in ("vda", "vdb"):
+        for target in TARGETS.values():
             if run(world.vm.guest.block_job_info(target)) is not None:
                 run(world.vm.guest.block_job_abort(target))
-        assert not run(world.vm.guest.block_job_info("vda")) and not run(world.vm.guest.block_job_info("vdb"))
+        assert not any(run(world.vm.guest.block_job_info(t)) for t in TARGETS.values())
     if kill_at == "half-pivot":  # killed between the two pivots: vda runs on its new leaf, vdb's copy is READY
         run(world.vm.guest.block_job_pivot("vda"))
         assert world.vm.chains()["vda"].active.path == moves[0]["destinationPath"]
@@ -467,11 +480,11 @@ def _fill_data_disk(world: World, mib: int) -> None:
 
 def _assert_rolled_back(world: World, before: dict, d: Path) -> None:
     assert world.vm.chains() == before, "the VM runs on its old files"
-    assert not run(world.vm.guest.block_job_info("vda")) and not run(world.vm.guest.block_job_info("vdb"))
+    assert not any(run(world.vm.guest.block_job_info(t)) for t in TARGETS.values())
     assert list(d.iterdir()) == [], "the files the migration made are removed"
     inactive = run(common.disk_states(world.vm.guest, inactive=True))
     assert {n: s.chain.active.path for n, s in inactive.items()} == {
-        "root": before["vda"].active.path, "data": before["vdb"].active.path}, "the definition is unchanged"
+        n: before[t].active.path for n, t in TARGETS.items()}, "the definition is unchanged"
     for chain in before.values():
         for p in chain.paths:
             assert os.path.exists(p)
@@ -511,4 +524,27 @@ def test_completion_timeout_aborts_the_copy(world):
         world.migrate(mig)
     assert err.value.reason == "MigrationTimedOut", err.value
     _assert_rolled_back(world, before, d)
+    d.rmdir()
+
+
+def test_reentry_with_the_vm_stopped_meanwhile_removes_the_new_files(world):
+    """Last (the guest stops): killed during the copy, then the domain is stopped; the re-entered run fails
+    VMNotRunning and removes the files the first run made; the definition and the old files are untouched."""
+    before = world.vm.chains()
+    d = new_dir(world, "stopped")
+    mig = world.migration(moves_into(world, d, "stopped"))
+    with pytest.raises(Killed):
+        world.migrate(mig, kill_at="progress")
+    assert mig["status"]["step"] == "Copying" and list(d.iterdir())
+    run(world.vm.guest.destroy())
+    with pytest.raises(MigrationFailed) as err:
+        run(storage.run(world.ctx_for(mig)), timeout=600)
+    assert err.value.reason == "VMNotRunning", err.value
+    assert list(d.iterdir()) == [], "the new files are removed"
+    inactive = run(common.disk_states(world.vm.guest, inactive=True))
+    assert {n: s.chain.active.path for n, s in inactive.items()} == {n: before[t].active.path
+                                                                     for n, t in TARGETS.items()}
+    for chain in before.values():
+        for p in chain.paths:
+            assert os.path.exists(p)
     d.rmdir()

@@ -13,8 +13,10 @@ copiedFiles}] is written with the first one):
    (completionTimeoutPerGiB of the data to copy, at least 1 GiB) and the progress timeout abort the move.
 4. Pivot: each disk switches to its new leaf (same QEMU). The domain is persistent and is NOT undefined
    (TRANSIENT_JOB: libvirt 9.0 copies a persistent domain's disk without it; see migration-facts.md).
-5. Record: ctx.record(guest, {disk: new chain}) redefines the persistent domain on the new files and writes
-   the disk record (<lvo:disks>), from the chains libvirt runs on after the pivot.
+5. Record: ctx.record(guest, {disk: new chain}, origins={disk: spec path}) redefines the persistent domain on
+   the new files and writes the disk record (<lvo:disks>, with <lvo:diskOrigins>: the spec path each moved
+   chain stands for, so that the reconciler keeps rendering the disk on its new files), from the chains
+   libvirt runs on after the pivot.
 6. Cleanup: the old files the new chains do not use, base first, each only when no one else holds it
    (ctx.references(), with this VM's own stale references set aside, and no domain of the node uses it).
    Files kept are named in the Ready condition's message and in an Event MigrationFilesKept.
@@ -320,6 +322,13 @@ class _Move:
         finally:
             unsubscribe()
 
+    async def _record(self, chains: dict[str, Chain]) -> None:
+        """The new chains, each standing for its disk's spec path (origins): the reconciler keeps rendering a
+        moved disk on its recorded files although the spec still names the old one."""
+        spec = {d.get("name"): d.get("path") for d in ((self.ctx.vm or {}).get("spec") or {}).get("disks") or []}
+        origins = {name: spec[name] for name in chains if spec.get(name)}
+        await self.ctx.record(self.guest, chains, origins=origins)
+
     async def _active(self, target: str) -> str | None:
         for state in (await common.disk_states(self.guest)).values():
             if state.target == target:
@@ -345,7 +354,7 @@ class _Move:
                 with contextlib.suppress(HypervisorError):
                     await self.guest.wait_block_job(d.target, "gone", ABORT_TIMEOUT)
             if pivoted:
-                await self.ctx.record(self.guest, {d.name: live[d.name].chain for d in pivoted})
+                await self._record({d.name: live[d.name].chain for d in pivoted})
                 notes.append(f"disk(s) {', '.join(d.name for d in pivoted)} moved before the failure")
             common.remove_temp_files(plan.made)
             mine = plan.made if self.reentered else [p for p in plan.made if p in self.made]
@@ -401,7 +410,7 @@ class _Move:
         if record:
             await self.step_to(sp.RECORD)
             live = await common.disk_states(self.guest)
-            await self.ctx.record(self.guest, {m.name: live[m.name].chain for m in moved})
+            await self._record({m.name: live[m.name].chain for m in moved})
         await self.step_to(sp.CLEANUP)
         kept = await self._remove_old(old)
         message = f"disk(s) {', '.join(m.name for m in moved)} moved"
