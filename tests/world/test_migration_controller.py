@@ -3,8 +3,9 @@ parallel limits, the node label that hands a VMMigration to the agent acting on 
 from the source node to the target, also across a controller SIGKILL between Landed and the label flip.
 
 No libvirt: the agents' status writes are simulated with each agent's own field managers
-(meta.agent_manager(node), meta.agent_jobs_manager(node)), as the agents write them (the whole status as
-read, merged with their changes, server-side apply with force). Own control plane and controller process
+(meta.agent_manager(node) for its reconciler and VMMigration status, meta.agent_migration_manager(node) for
+the VM's status.migration), as the agents write them (the whole status as read, merged with their changes,
+server-side apply with force). Own control plane and controller process
 (the fixtures of test_controller)."""
 
 from __future__ import annotations
@@ -110,12 +111,13 @@ class Migrating:
         return resources.apply_status(resources.VMS, self.ns, vm, changes, meta.agent_manager(node))
 
     def agent_fact(self, vm: str, node: str, migration: dict, state: str) -> dict:
-        """The agent owning the VM: status.migration under agent_jobs_manager(node)."""
+        """The agent owning the VM: status.migration under agent_migration_manager(node)."""
         st = migration["status"]
         fact = {"name": migration["metadata"]["name"], "uid": migration["metadata"]["uid"],
                 "type": migration["spec"]["type"], "state": state, "sourceNode": st["sourceNode"],
                 "targetNode": st["targetNode"], "message": "", "time": utcnow()}
-        return resources.apply_status(resources.VMS, self.ns, vm, {"migration": fact}, meta.agent_jobs_manager(node))
+        return resources.apply_status(resources.VMS, self.ns, vm, {"migration": fact},
+                                      meta.agent_migration_manager(node))
 
     def agent_migration(self, name: str, node: str, changes: dict, condition: dict | None = None) -> dict:
         """An agent's VMMigration status write: the whole status as read, merged, under its own manager."""
@@ -125,6 +127,10 @@ class Migrating:
             status["conditions"] = [c for c in status.get("conditions") or [] if c["type"] != condition["type"]]
             status["conditions"].append(condition)
         return resources.apply_status(resources.MIGRATIONS, self.ns, name, status, meta.agent_manager(node))
+
+    def source_done(self, name: str, source: str) -> dict:
+        """The source agent's last write after Landed (agent/migrations/live.py hand_over)."""
+        return self.agent_migration(name, source, {"step": "HandOver", "phase": "HandingOver"})
 
     def pre_check_passes(self, name: str, target: str) -> dict:
         return self.agent_migration(name, target, {"target": {"node": target,
@@ -179,9 +185,13 @@ def test_live_migration_hand_over(mig: Migrating):
     scheduled = find(vm, "Scheduled")
     assert scheduled["status"] == "True" and b in scheduled["message"] and a not in scheduled["message"]
 
-    # The target agent adopts the domain: its own status, then Succeeded.
+    # The target agent adopts the domain: its own status, then Succeeded; the controller ends the VMMigration
+    # once the source agent made its last write (it applies its whole status by force).
     mig.agent_vm("web", b, {"phase": "Running", "vcpus": 1, "conditions": [cond("Ready", True, "Running")]})
     mig.agent_fact("web", b, m, "Succeeded")
+    time.sleep(1.5)  # the controller looks meanwhile (VM event, timer): the source agent still writes
+    assert mig.get("m1")["status"]["phase"] == "HandingOver"
+    mig.source_done("m1", a)
     m = mig.wait_phase("m1", "Succeeded")
     st = m["status"]
     assert st["completionTime"] >= st["startTime"] and isinstance(st["durationMilliseconds"], int)
@@ -276,7 +286,7 @@ def test_storage_migration_stays_on_its_node(mig: Migrating):
     m = mig.wait_phase("disks", "Succeeded")
     assert find(m, "Ready")["status"] == "True"
     vm = mig.s.get("web")
-    assert placed_on(vm) == a and {meta.agent_manager(a), meta.agent_jobs_manager(a)} <= status_owners(vm)
+    assert placed_on(vm) == a and {meta.agent_manager(a), meta.agent_migration_manager(a)} <= status_owners(vm)
 
 
 class StopAfterFlip(Migrations):
@@ -301,28 +311,29 @@ def test_controller_killed_between_landed_and_the_flip_converges(mig: Migrating)
     try:
         mig.agent_fact("web", a, m, "Migrating")
         mig.agent_fact("web", a, m, "Landed")
+        mig.source_done("m1", a)
         time.sleep(0.5)
         vm = mig.s.get("web")
-        assert placed_on(vm) == a and mig.get("m1")["status"]["phase"] == "Running"  # nobody flipped it
+        assert placed_on(vm) == a  # nobody flipped it
         # The handler, run on the recorded state, dies right after the flip.
         with pytest.raises(StopAfterFlip.Killed):
             asyncio.run(StopAfterFlip(OPERATOR_NS, plan.Limits()).hand_over(mig.ns, "web"))
         vm = mig.s.get("web")
-        assert placed_on(vm) == b and set(plan.retired_managers(a)) <= status_owners(vm)
-        assert mig.get("m1")["status"]["phase"] == "Running"
+        assert placed_on(vm) == b and meta.agent_manager(a) in status_owners(vm)  # not retired yet
     finally:
         ctl.start()
     # Restarted: the initial listing brings the VM and the VMMigration again; the hand-over goes on.
-    mig.wait_phase("m1", "HandingOver")
     vm = mig.s.wait("web", lambda v: not status_owners(v) & set(plan.retired_managers(a)), "source retired")
-    assert vm["status"]["migration"]["state"] == "Landed"
+    assert vm["status"]["migration"]["state"] == "Landed" and vm["status"]["phase"] == "Running"
     mig.agent_fact("web", b, m, "Succeeded")
     mig.wait_phase("m1", "Succeeded")
     vm = mig.s.wait("web", lambda v: (v.get("status") or {}).get("nodeName") == b, "status.nodeName b")
     assert placed_on(vm) == b
 
 
-def test_controller_killed_after_landed_restarts_and_flips(mig: Migrating):
+def test_controller_killed_after_landed_restarts_and_flips_without_the_source(mig: Migrating):
+    """The source agent's node goes away for good right after Landed: its last write never comes, and the
+    VMMigration still ends Succeeded once the target adopted the VM."""
     a, b = mig.s.node("a", 16 * GI), mig.s.node("b", 8 * GI)
     mig.running_vm("web", a)
     m = mig.running("m1", "web", a, b)
@@ -330,11 +341,13 @@ def test_controller_killed_after_landed_restarts_and_flips(mig: Migrating):
     ctl.kill()
     try:
         mig.agent_fact("web", a, m, "Landed")
+        mig.s.world.renewer.remove(a)  # its Lease is gone
     finally:
         ctl.start()
     mig.s.wait("web", lambda v: placed_on(v) == b and (v.get("status") or {}).get("nodeName") == b,
                "flipped after the restart")
     mig.wait_phase("m1", "HandingOver")
     mig.agent_fact("web", b, m, "Succeeded")
-    mig.wait_phase("m1", "Succeeded")
+    m = mig.wait_phase("m1", "Succeeded")
+    assert m["status"].get("step") is None  # the source never wrote its last step
     assert mig.s.get("web")["status"]["migration"]["state"] == "Succeeded"

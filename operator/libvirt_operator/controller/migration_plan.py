@@ -293,8 +293,8 @@ def advance(migration: Mapping) -> Step | None:
 class HandOver:
     flip_to: str | None = None  # set the VM's node label to this node (conditional on its resourceVersion)
     retire: str | None = None  # the source node whose agent's status field managers go
-    # before the retire: this node's agent managers co-own status.migration and status.phase as they are
-    keep_migration_as: str | None = None
+    # before the retire: this node's agent managers co-own what must outlive the source's (`kept_fields`)
+    keep_as: str | None = None
     phase: str | None = None  # the VMMigration's next phase: HandingOver | Succeeded
 
     def __bool__(self) -> bool:
@@ -303,6 +303,22 @@ class HandOver:
 
 def retired_managers(node: str) -> tuple[str, str]:
     return meta.agent_manager(node), meta.agent_jobs_manager(node)
+
+
+def kept_fields(vm: Mapping, source: str, target: str) -> list[tuple[str, Any, str]]:
+    """(field, value, target's manager) of the VM's status that the source's retired managers own and that
+    must not go with them: status.phase (the domain runs, on the target now) under the target's
+    reconciler manager, and status.migration (the durable fact; the agents write it under their migration
+    manager, which is not retired, so only if a retired one holds it) under the target's migration manager."""
+    status = vm.get("status") or {}
+    retired = set(retired_managers(source))
+    owned: set[str] = set()
+    for entry in (vm.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") in retired:
+            owned.update(((entry.get("fieldsV1") or {}).get("f:status") or {}).keys())
+    return [(field, status[field], manager) for field, manager in (
+        ("phase", meta.agent_manager(target)), ("migration", meta.agent_migration_manager(target)))
+        if f"f:{field}" in owned and status.get(field) is not None]
 
 
 def owns_status(vm: Mapping, managers: Iterable[str]) -> bool:
@@ -314,10 +330,31 @@ def owns_status(vm: Mapping, managers: Iterable[str]) -> bool:
     return False
 
 
-def handover(vm: Mapping, migration: Mapping | None) -> HandOver:
+SOURCE_LAST_STEP = "HandOver"  # the source agent's last write: phase HandingOver, step HandOver
+
+
+def source_done(migration: Mapping | None) -> bool:
+    """Whether the source agent wrote its last VMMigration status (after that it only drops its finalizer)."""
+    status = (migration or {}).get("status") or {}
+    return status.get("phase") == "HandingOver" and status.get("step") == SOURCE_LAST_STEP
+
+
+def waits_for_source(vm: Mapping, migration: Mapping | None) -> bool:
+    """Whether Succeeded would wait for the source agent's last write (then ask whether that agent lives:
+    a source node gone for good must not hold the VMMigration forever)."""
+    fact = (vm.get("status") or {}).get("migration") or {}
+    return (fact.get("state") == "Succeeded" and fact.get("sourceNode") != fact.get("targetNode")
+            and migration is not None and not source_done(migration))
+
+
+def handover(vm: Mapping, migration: Mapping | None, source_alive: bool = True) -> HandOver:
     """The next hand-over step for a VM, from its status.migration (and its VMMigration, if it still
     exists and is the one status.migration names). One kind of step at a time: the caller does it,
-    reads the VM again and asks again."""
+    reads the VM again and asks again.
+
+    Succeeded waits for the source agent's last status write (`source_done`) while that agent lives
+    (`source_alive`): the agent applies its whole status by force, and a write of it after Succeeded
+    would take the phase back."""
     fact = (vm.get("status") or {}).get("migration") or {}
     state, source, target = fact.get("state"), fact.get("sourceNode"), fact.get("targetNode")
     if state not in ("Landed", "Succeeded") or not source or not target:
@@ -330,12 +367,14 @@ def handover(vm: Mapping, migration: Mapping | None) -> HandOver:
         if label != target:
             return HandOver()  # on neither node of this migration: a later placement; nothing of ours
         if owns_status(vm, retired_managers(source)):
-            return HandOver(retire=source, keep_migration_as=target if state == "Landed" else None)
+            return HandOver(retire=source, keep_as=target if state == "Landed" else None)
     mig_status = (migration or {}).get("status") or {}
     if (migration is None or (migration.get("metadata") or {}).get("uid") != fact.get("uid")
             or mig_status.get("phase") in TERMINAL_PHASES):
         return HandOver()
     if state == "Succeeded":
+        if moving and source_alive and not source_done(migration):
+            return HandOver()  # the source's last write comes first (its VMMigration event brings us back)
         return HandOver(phase="Succeeded")
     if moving and mig_status.get("phase") != "HandingOver":
         return HandOver(phase="HandingOver")
@@ -350,7 +389,7 @@ def vm_needs_handover(vm: Mapping, migration_phase: str | None) -> bool:
     if fact.get("state") not in ("Landed", "Succeeded"):
         return False
     known = None if migration_phase is None else {"metadata": {"uid": fact.get("uid")},
-                                                  "status": {"phase": migration_phase}}
+                                                  "status": {"phase": migration_phase, "step": SOURCE_LAST_STEP}}
     return bool(handover(vm, known))
 
 
@@ -412,10 +451,15 @@ def stamp(at: datetime) -> str:
 
 
 def succeeded_status(migration: Mapping, now: datetime) -> dict:
+    """Succeeded, completed now; or when it was recorded before (written again: the phase was taken back)."""
     status = migration.get("status") or {}
     started = parse_time(status.get("startTime"))
-    duration = max(0, round((now - started).total_seconds() * 1000)) if started else None
-    return merged_status(migration, {"phase": "Succeeded", "completionTime": stamp(now),
+    if status.get("completionTime") and status.get("durationMilliseconds") is not None:
+        completion, duration = status["completionTime"], status["durationMilliseconds"]
+    else:
+        completion = stamp(now)
+        duration = max(0, round((now - started).total_seconds() * 1000)) if started else None
+    return merged_status(migration, {"phase": "Succeeded", "completionTime": completion,
                                      "durationMilliseconds": duration},
                          Cond(READY, True, SUCCEEDED, migrated_message(migration, duration)))
 

@@ -30,7 +30,7 @@ from libvirt_operator.controller import cluster, placement
 from libvirt_operator.controller import migration_plan as plan
 from libvirt_operator.controller.config import ControllerConfig
 from libvirt_operator.controller.index import VMIndex
-from libvirt_operator.kube import conditions, events, resources
+from libvirt_operator.kube import conditions, events, leases, resources
 from libvirt_operator.kube.client import custom_objects
 from libvirt_operator.metrics import controller as metrics
 
@@ -159,6 +159,9 @@ class Migrations:
         while True:
             await asyncio.sleep(self.retry_seconds)
             self._kick()
+            for uid, (ns, name) in list(self._vm_of.items()):  # e.g. a source agent gone for good
+                if self.phases.get(uid) in plan.ACTIVE_PHASES:
+                    self._enqueue(Key("vm", ns, name))
 
     def close(self) -> None:
         for task in self._tasks:
@@ -310,7 +313,10 @@ class Migrations:
                 migration = await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace, fact["name"])
                 if migration is not None and migration["metadata"]["uid"] != fact.get("uid"):
                     migration = None
-            step = plan.handover(vm, migration)
+            alive = True
+            if plan.waits_for_source(vm, migration):
+                alive = fact.get("sourceNode") in await asyncio.to_thread(leases.alive_nodes, self.operator_namespace)
+            step = plan.handover(vm, migration, alive)
             if not step:
                 return
             try:
@@ -333,17 +339,13 @@ class Migrations:
                      step.flip_to, fact.get("name"), fact.get("sourceNode"))
             return True
         if step.retire:
-            if step.keep_migration_as:
-                # status.migration (the durable fact) and status.phase (the domain runs, on the target now)
-                # must outlive the source's managers: the target's co-own them first, with the very values
-                # read (conditional on the version read: never over a newer write).
-                keep = step.keep_migration_as
-                phase = (vm.get("status") or {}).get("phase")
-                if phase:
-                    rv = (await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {"phase": phase},
-                                                  meta.agent_manager(keep), False, rv))["metadata"]["resourceVersion"]
-                await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {"migration": fact},
-                                        meta.agent_jobs_manager(keep), False, rv)
+            if step.keep_as:
+                # What must outlive the source's managers (status.phase: the domain runs, on the target now):
+                # the target's co-own it first, with the very value read (not forced, and conditional on the
+                # version read: never over a newer write).
+                for field, value, manager in plan.kept_fields(vm, step.retire, step.keep_as):
+                    rv = (await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {field: value},
+                                                  manager, False, rv))["metadata"]["resourceVersion"]
             for manager in plan.retired_managers(step.retire):
                 await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
             log.info("VM %s/%s: the status field managers of node %s's agent retired", ns, name, step.retire)
@@ -356,18 +358,22 @@ class Migrations:
                      migration["metadata"]["name"], fact.get("targetNode"))
             return True
         if step.phase == "Succeeded":
+            again = bool((migration.get("status") or {}).get("completionTime"))  # recorded before: no new Events
             done = await self._apply(migration, plan.succeeded_status(migration, plan.now_utc()),
                                      migration["metadata"]["resourceVersion"])
             self.phases[migration["metadata"]["uid"]] = "Succeeded"
             status = done.get("status") or {}
             kind = migration["spec"].get("type") or "Live"
             ms = status.get("durationMilliseconds")
+            self._kick()
+            if again:
+                log.info("VMMigration %s/%s: Succeeded again", ns, migration["metadata"]["name"])
+                return False
             metrics.migration_finished(kind, "Succeeded", ms / 1000 if isinstance(ms, int) else None)
             message = plan.migrated_message(done, ms)
             log.info("VMMigration %s/%s succeeded: %s", ns, migration["metadata"]["name"], message)
             self._post(done, "Migrated", message)
             self._post(vm, "Migrated", f"VMMigration {migration['metadata']['name']}: {message}")
-            self._kick()
             return False
         return False
 

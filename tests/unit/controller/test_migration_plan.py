@@ -245,6 +245,7 @@ def test_advance_leaves_a_deleted_migration_to_the_agents():
 # -- the hand-over ---------------------------------------------------------------------------------------
 
 SRC = meta.agent_manager("a"), meta.agent_jobs_manager("a")
+DONE = mig(phase="HandingOver", step="HandOver")  # the source agent's last write
 
 
 def fact(state, source="a", target="b", uid="uid-m1", name="m1", type_="Live"):
@@ -261,19 +262,21 @@ def fact(state, source="a", target="b", uid="uid-m1", name="m1", type_="Live"):
     ("landed, VMMigration says Aborted: the VM's fact wins", vm(fact=fact("Landed")), mig(phase="Aborted"),
      plan.HandOver(flip_to="b")),
     ("flipped: retire the source, keep status.migration", vm(node="b", fact=fact("Landed"), managers=SRC),
-     mig(phase="Running"), plan.HandOver(retire="a", keep_migration_as="b")),
+     mig(phase="Running"), plan.HandOver(retire="a", keep_as="b")),
     ("flipped, only the jobs manager left", vm(node="b", fact=fact("Landed"), managers=SRC[1:]), None,
-     plan.HandOver(retire="a", keep_migration_as="b")),
+     plan.HandOver(retire="a", keep_as="b")),
     ("target adopted before the retire", vm(node="b", fact=fact("Succeeded"), managers=SRC),
      mig(phase="Running"), plan.HandOver(retire="a")),
     ("retired: HandingOver", vm(node="b", fact=fact("Landed"), managers=(meta.agent_manager("b"),)),
      mig(phase="Running"), plan.HandOver(phase="HandingOver")),
     ("handing over: wait for the target", vm(node="b", fact=fact("Landed")), mig(phase="HandingOver"),
      plan.HandOver()),
-    ("adopted: Succeeded", vm(node="b", fact=fact("Succeeded")), mig(phase="HandingOver"),
+    ("adopted, the source's last write done: Succeeded", vm(node="b", fact=fact("Succeeded")), DONE,
      plan.HandOver(phase="Succeeded")),
-    ("adopted, HandingOver never written (killed)", vm(node="b", fact=fact("Succeeded")), mig(phase="Running"),
-     plan.HandOver(phase="Succeeded")),
+    ("adopted, the source still writes (its Cleanup)", vm(node="b", fact=fact("Succeeded")),
+     mig(phase="HandingOver", step="Cleanup"), plan.HandOver()),
+    ("adopted, the source never wrote HandingOver yet", vm(node="b", fact=fact("Succeeded")), mig(phase="Running"),
+     plan.HandOver()),
     ("already Succeeded", vm(node="b", fact=fact("Succeeded")), mig(phase="Succeeded"), plan.HandOver()),
     ("another VMMigration of that name", vm(node="b", fact=fact("Succeeded")), mig(phase="Running", uid="new"),
      plan.HandOver()),
@@ -288,14 +291,51 @@ def fact(state, source="a", target="b", uid="uid-m1", name="m1", type_="Live"):
 ])
 def test_handover(case, the_vm, migration, step):
     assert plan.handover(the_vm, migration) == step, case
-    # the watch's cheap check agrees with it
+    # the watch's cheap check (it knows the phase, not the step) never misses a step
     phase = None if migration is None or migration["metadata"]["uid"] != "uid-m1" else migration["status"]["phase"]
-    assert plan.vm_needs_handover(the_vm, phase) == bool(step), case
+    if step:
+        assert plan.vm_needs_handover(the_vm, phase), case
+
+
+@pytest.mark.parametrize("case, migration, alive, step", [
+    ("source alive, not done: wait", mig(phase="HandingOver", step="Cleanup"), True, plan.HandOver()),
+    ("source gone for good: Succeeded without it", mig(phase="HandingOver", step="Cleanup"), False,
+     plan.HandOver(phase="Succeeded")),
+    ("source gone before HandingOver", mig(phase="Running", step="Migrating"), False,
+     plan.HandOver(phase="Succeeded")),
+    ("source done: no need to ask", DONE, True, plan.HandOver(phase="Succeeded")),
+])
+def test_succeeded_waits_for_the_source_agent_while_it_lives(case, migration, alive, step):
+    adopted = vm(node="b", fact=fact("Succeeded"))
+    assert plan.waits_for_source(adopted, migration) == (migration is not DONE), case
+    assert plan.handover(adopted, migration, source_alive=alive) == step, case
+
+
+def test_storage_never_waits_for_a_source():
+    the_vm = vm(fact=fact("Succeeded", target="a", type_="Storage"))
+    assert not plan.waits_for_source(the_vm, mig(type_="Storage", phase="Running"))
+
+
+def test_the_cheap_check_is_quiet_once_done():
+    done = vm(node="b", fact=fact("Succeeded"), managers=(meta.agent_manager("b"),))
+    assert not plan.vm_needs_handover(done, "Succeeded")
+    assert not plan.vm_needs_handover(done, None)
+    assert not plan.vm_needs_handover(vm(node="b", fact=fact("Landed")), "HandingOver")
 
 
 def test_the_cheap_check_without_the_migration_known():
     assert plan.vm_needs_handover(vm(fact=fact("Landed")), None)  # the flip needs no VMMigration
     assert not plan.vm_needs_handover(vm(node="b", fact=fact("Succeeded")), None)
+
+
+def test_kept_fields_are_the_phase_and_a_fact_a_retired_manager_holds():
+    the_vm = vm(node="b", fact=fact("Landed"), managers=SRC)  # both own f:phase here
+    assert plan.kept_fields(the_vm, "a", "b") == [("phase", "Running", meta.agent_manager("b"))]
+    the_vm["metadata"]["managedFields"].append({"manager": SRC[1], "fieldsV1": {"f:status": {"f:migration": {}}}})
+    assert plan.kept_fields(the_vm, "a", "b")[1] == ("migration", fact("Landed"), meta.agent_migration_manager("b"))
+    # the agents' own migration manager holds it: it is not retired, nothing to keep
+    held = vm(node="b", fact=fact("Landed"), managers=(meta.agent_migration_manager("a"),))
+    assert plan.kept_fields(held, "a", "b") == []
 
 
 def test_owns_status_needs_a_status_field():
@@ -342,6 +382,9 @@ def test_succeeded_status_counts_the_duration_from_the_start():
     assert (c["status"], c["reason"]) == ("True", "Succeeded")
     assert c["message"] == "Live migration from node a to node b in 2.5 s"
     assert plan.succeeded_status(mig(phase="Running"), plan.now_utc())["phase"] == "Succeeded"  # no start: no duration
+    # written again (an agent's stale write took the phase back): the times recorded first stay
+    again = plan.succeeded_status(mig(**{**st, "phase": "HandingOver"}), datetime(2026, 12, 1, 11, tzinfo=UTC))
+    assert (again["completionTime"], again["durationMilliseconds"]) == ("2026-12-01T10:00:02.750Z", 2500)
 
 
 def test_running_and_handing_over_status():
