@@ -274,6 +274,19 @@ def test_limits_queue_and_release(mig: Migrating):
     assert (m["status"]["sourceNode"], m["status"]["targetNode"]) == (a, b)
 
 
+def test_a_target_agent_gone_during_the_pre_check_fails_it(mig: Migrating):
+    a, b = mig.s.node("a", 16 * GI), mig.s.node("b", 8 * GI)
+    mig.running_vm("web", a)
+    mig.migrate("m1", "web", target=b)
+    mig.wait_phase("m1", "PreChecking", b)
+    mig.s.world.renewer.remove(b)  # the target's node goes away before its agent answered
+    m = mig.wait_phase("m1", "Failed")
+    ready = find(m, "Ready")
+    assert (ready["reason"], placed_on(m)) == ("TargetUnavailable", b) and "Lease" in ready["message"]
+    mig.wait_event("web", "MigrationFailed")
+    assert placed_on(mig.s.get("web")) == a
+
+
 def test_storage_migration_stays_on_its_node(mig: Migrating):
     a = mig.s.node("a", 8 * GI)
     mig.running_vm("web", a)

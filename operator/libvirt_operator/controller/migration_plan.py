@@ -266,22 +266,44 @@ def _target(migration: Mapping, vm: Mapping, source: str, nodes: Iterable[Node],
 @dataclass(frozen=True)
 class Step:
     label: str | None = None  # the node label to set first
-    phase: str | None = None  # then this phase
+    phase: str | None = None  # then this phase (Running; or Failed, with reason and message)
+    reason: str = ""
+    message: str = ""
 
 
-def advance(migration: Mapping) -> Step | None:
+def _passed(status: Mapping) -> bool:
+    checked = conditions.find(status, PRECHECKED)
+    return bool(status.get("target")) and checked is not None and checked.get("status") == "True"
+
+
+def awaits_target(migration: Mapping) -> bool:
+    """PreChecking with the target's agent (labelled for it), its answer not written yet: whether that
+    agent still lives is worth asking (a node gone for good must not hold the VM's migrations)."""
+    status = migration.get("status") or {}
+    return (status.get("phase") == "PreChecking" and bool(status.get("targetNode"))
+            and node_label(migration) == status.get("targetNode") and not _passed(status)
+            and not (migration.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def advance(migration: Mapping, target_alive: bool = True) -> Step | None:
     """A started VMMigration's next controller step: its label where its phase wants it, Running once
-    the target agent wrote status.target and PreChecked=True. None: the agents' turn."""
+    the target agent wrote status.target and PreChecked=True, Failed if that agent's Lease ran out
+    before it answered (`target_alive`). None: the agents' turn."""
     status = migration.get("status") or {}
     phase, label = status.get("phase"), node_label(migration)
     source, target = status.get("sourceNode"), status.get("targetNode")
     if (migration.get("metadata") or {}).get("deletionTimestamp") or not source or not target:
         return None
     if phase == "PreChecking":
-        checked = conditions.find(status, PRECHECKED)
-        if status.get("target") and checked is not None and checked.get("status") == "True":
+        if _passed(status):
             return Step(label=None if label == source else source, phase="Running")
-        return Step(label=target) if label != target else None
+        if label != target:
+            return Step(label=target)
+        if not target_alive:
+            return Step(phase="Failed", reason=TARGET_UNAVAILABLE,
+                        message=f"the agent of node {target} stopped renewing its Lease before its pre-check "
+                        "answered; the VM stays on node " + source)
+        return None
     if phase == "Running" and label != source:
         return Step(label=source)
     return None

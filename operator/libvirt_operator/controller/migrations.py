@@ -162,6 +162,9 @@ class Migrations:
             for uid, (ns, name) in list(self._vm_of.items()):  # e.g. a source agent gone for good
                 if self.phases.get(uid) in plan.ACTIVE_PHASES:
                     self._enqueue(Key("vm", ns, name))
+            for uid, phase in list(self.phases.items()):  # e.g. a target agent gone before its pre-check answered
+                if phase == "PreChecking" and uid in self._names:
+                    self._enqueue(Key("migration", *self._names[uid]))
 
     def close(self) -> None:
         for task in self._tasks:
@@ -218,13 +221,7 @@ class Migrations:
         verdict = plan.validate(obj, vm, snapshots, migrations, snap.nodes, snap.alive, view, self.limits)
         rv = md["resourceVersion"]
         if verdict.action == "fail":
-            await self._apply(obj, plan.failed_status(obj, verdict.reason, verdict.message), rv)
-            log.info("VMMigration %s/%s failed: %s: %s", ns, md["name"], verdict.reason, verdict.message)
-            metrics.migration_finished(spec.get("type") or "Live", verdict.reason)
-            self._post(obj, "MigrationFailed", f"{verdict.reason}: {verdict.message}", warning=True)
-            if vm is not None:
-                self._post(vm, "MigrationFailed", f"VMMigration {md['name']}: {verdict.reason}: {verdict.message}",
-                           warning=True)
+            await self._fail(obj, verdict.reason, verdict.message, vm)
         elif verdict.action == "queue":
             ready = conditions.find(obj.get("status"), plan.READY) or {}
             if plan.queued(obj) and ready.get("message") == verdict.message:
@@ -245,8 +242,15 @@ class Migrations:
                 self._started(labelled, vm)
 
     async def _advance(self, obj: dict) -> None:
-        step = plan.advance(obj)
+        alive = True
+        if plan.awaits_target(obj):
+            alive = obj["status"]["targetNode"] in await asyncio.to_thread(leases.alive_nodes,
+                                                                           self.operator_namespace)
+        step = plan.advance(obj, alive)
         if step is None:
+            return
+        if step.phase == "Failed":
+            await self._fail(obj, step.reason, step.message, None)
             return
         if step.label:
             obj = await self._label(obj, step.label)
@@ -260,6 +264,19 @@ class Migrations:
             vm = await asyncio.to_thread(resources.get, resources.VMS, obj["metadata"]["namespace"],
                                          obj["spec"]["vmName"])
             self._started(running, vm)
+
+    async def _fail(self, obj: dict, reason: str, message: str, vm: Mapping | None) -> None:
+        md = obj["metadata"]
+        await self._apply(obj, plan.failed_status(obj, reason, message), md["resourceVersion"])
+        self.phases[md["uid"]] = "Failed"
+        log.info("VMMigration %s/%s failed: %s: %s", md["namespace"], md["name"], reason, message)
+        metrics.migration_finished(obj["spec"].get("type") or "Live", reason)
+        self._post(obj, "MigrationFailed", f"{reason}: {message}", warning=True)
+        if vm is None and reason != plan.VM_NOT_FOUND:
+            vm = await asyncio.to_thread(resources.get, resources.VMS, md["namespace"], obj["spec"]["vmName"])
+        if vm is not None:
+            self._post(vm, "MigrationFailed", f"VMMigration {md['name']}: {reason}: {message}", warning=True)
+        self._kick()
 
     async def _label(self, obj: dict, node: str) -> dict | None:
         """Set the VMMigration's node label (conditional on the version read); returns the new object, or

@@ -236,6 +236,23 @@ def test_advance(case, migration, step):
     assert plan.advance(migration) == step, case
 
 
+@pytest.mark.parametrize("case, migration, awaits, step", [
+    ("waiting for the target's answer", mig(phase="PreChecking", label="b", **ST), True,
+     plan.Step(phase="Failed", reason=plan.TARGET_UNAVAILABLE)),
+    ("answered: passed", mig(phase="PreChecking", label="b", conditions=PASSED, **{**ST, "target": TARGET}), False,
+     plan.Step(label="a", phase="Running")),
+    ("not labelled for the target yet", mig(phase="PreChecking", **ST), False, plan.Step(label="b")),
+    ("running: the target is not asked", mig(phase="Running", label="a", **ST), False, None),
+])
+def test_a_target_agent_gone_before_its_answer_fails_the_pre_check(case, migration, awaits, step):
+    assert plan.awaits_target(migration) == awaits, case
+    got = plan.advance(migration, target_alive=False)
+    assert (got and (got.label, got.phase, got.reason)) == (step and (step.label, step.phase, step.reason)), case
+    if got and got.phase == "Failed":
+        assert "node b" in got.message and "stays on node a" in got.message
+    assert plan.advance(migration, target_alive=True) == (None if awaits else step), case
+
+
 def test_advance_leaves_a_deleted_migration_to_the_agents():
     m = mig(phase="PreChecking", **ST)
     m["metadata"]["deletionTimestamp"] = T1
