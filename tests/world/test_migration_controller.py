@@ -272,6 +272,17 @@ def test_limits_queue_and_release(mig: Migrating):
     mig.agent_migration("q0", b, {"phase": "Failed"}, cond("PreChecked", False, "StorageRootMismatch", "no root"))
     m = mig.wait_phase(q, "PreChecking", b)
     assert (m["status"]["sourceNode"], m["status"]["targetNode"]) == (a, b)
+    # Queued again; the slots free while the controller is down: after its restart the timer moves the queue on.
+    mig.migrate("q3", "v0", target=b)
+    mig.wait("q3", lambda o: (find(o, "Ready") or {}).get("reason") == "Queued", "queued")
+    ctl = mig.s.world.controller
+    ctl.kill()
+    try:
+        for name in ("q0", "q1", "q2"):  # none left to wake the controller but its timer
+            mig.api.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, mig.ns, resources.MIGRATIONS, name)
+    finally:
+        ctl.start()
+    mig.wait_phase("q3", "PreChecking", b)
 
 
 def test_a_target_agent_gone_during_the_pre_check_fails_it(mig: Migrating):

@@ -82,6 +82,7 @@ class Migrations:
     # -- watch events (in memory only)
 
     def on_migration_event(self, event_type: str | None, obj: Mapping) -> None:
+        self._start()  # the timer too: a queued VMMigration listed at startup has nothing else to wake it
         md = obj["metadata"]
         uid = md["uid"]
         if event_type == "DELETED":
@@ -124,11 +125,14 @@ class Migrations:
 
     # -- the worker
 
-    def _enqueue(self, key: Key) -> None:
+    def _start(self) -> None:
         if self._wake is None:
             self._wake = asyncio.Event()
             self._tasks = [asyncio.create_task(self._work(), name="migrations-worker"),
                            asyncio.create_task(self._timer(), name="migrations-queue-timer")]
+
+    def _enqueue(self, key: Key) -> None:
+        self._start()
         self._keys[key] = None
         self._wake.set()
 
