@@ -73,6 +73,14 @@ async def ensure_dir_pool(host: Host, name: str, path: str) -> None:
     await host.run(blocking, fallback="PoolFailed")
 
 
+def pool_named_for(conn: libvirt.virConnect, directory: str) -> str | None:
+    """The name of an active pool over `directory` (blocking; on a libvirt thread), or None."""
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        if _pool_path(pool) == os.path.normpath(directory):
+            return pool.name()
+    return None
+
+
 def _pool_path(pool: libvirt.virStoragePool) -> str:
     return os.path.normpath(ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or "")
 

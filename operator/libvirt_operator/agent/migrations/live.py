@@ -47,6 +47,16 @@ def pool_name(directory: str) -> str:
     return "lvo-" + hashlib.sha1(os.path.normpath(directory).encode()).hexdigest()[:12]
 
 
+async def pool_over(host: Host, directory: str) -> str:
+    """The name of a running pool over `directory` on `host`: an existing one (an admin's), else ours."""
+    directory = os.path.normpath(directory)
+    name = await host.run(lambda: volumes.pool_named_for(host.connection(), directory), fallback="PoolFailed")
+    if name is None:
+        name = pool_name(directory)
+        await volumes.ensure_dir_pool(host, name, directory)
+    return name
+
+
 @contextlib.asynccontextmanager
 async def connected(uri: str) -> AsyncIterator[Host]:
     host = Host(uri, workers=4)
@@ -144,9 +154,15 @@ async def run(ctx: MigrationContext) -> None:
     if whole:
         planned = plan_whole(ctx, chains)
         await ctx.write({"step": "Plan", "disks": planned})
-        async with connected(target["migrationUri"]) as remote:
-            await _copy_parents(ctx, remote, planned)
-            await _prepare_leaves(ctx, remote, planned, chains)
+        try:
+            async with connected(target["migrationUri"]) as remote:
+                await _copy_parents(ctx, remote, planned)
+                await _prepare_leaves(ctx, remote, planned, chains)
+        except (MigrationFailed, HypervisorError) as err:
+            await _remove_target_files(ctx, target)
+            if isinstance(err, MigrationFailed):
+                raise
+            raise MigrationFailed("CopyFailed", f"preparing the disks on node {target['node']}: {err.message}") from err
     else:
         for name, chain in chains.items():
             for path in chain.paths:
@@ -155,9 +171,11 @@ async def run(ctx: MigrationContext) -> None:
                                           "shares; use WholeMachine to copy it")
     try:
         await _migrate(ctx, target, chains, planned)
-    except MigrationFailed:
+    except (MigrationFailed, HypervisorError) as err:
         await _remove_target_files(ctx, target)
-        raise
+        if isinstance(err, MigrationFailed):
+            raise
+        raise MigrationFailed("MigrationFailed", err.message) from err
     await hand_over(ctx)
 
 
@@ -166,12 +184,10 @@ async def _copy_parents(ctx: MigrationContext, remote: Host, planned: list[dict]
     chains = chains_of(ctx)
     for d in planned:
         for copy, layer in zip(d["copiedFiles"], chains[d["name"]].backing, strict=True):
-            await volumes.ensure_dir_pool(ctx.host, pool_name(str(Path(layer.path).parent)),
-                                          str(Path(layer.path).parent))
-            directory = str(Path(copy).parent)
-            await volumes.ensure_dir_pool(remote, pool_name(directory), directory)
+            await pool_over(ctx.host, str(Path(layer.path).parent))
+            pool = await pool_over(remote, str(Path(copy).parent))
             try:
-                done = await volumes.transfer(ctx.host, layer.path, remote, pool_name(directory), Path(copy).name)
+                done = await volumes.transfer(ctx.host, layer.path, remote, pool, Path(copy).name)
             except HypervisorError as err:
                 raise MigrationFailed("FileExists" if err.reason == "VolumeExists" else "CopyFailed",
                                       f"disk {d['name']}: copying {layer.path} to the target: {err.message}") from err
@@ -184,17 +200,15 @@ async def _prepare_leaves(ctx: MigrationContext, remote: Host, planned: list[dic
     await ctx.write({"step": "PrepareLeaves"})
     for d in planned:
         old = chains[d["name"]]
-        await volumes.ensure_dir_pool(ctx.host, pool_name(str(Path(old.active.path).parent)),
-                                      str(Path(old.active.path).parent))
+        await pool_over(ctx.host, str(Path(old.active.path).parent))
         capacity = (await volumes.volume(ctx.host, old.active.path)).capacity
-        directory = str(Path(d["destinationFile"]).parent)
-        await volumes.ensure_dir_pool(remote, pool_name(directory), directory)
+        pool = await pool_over(remote, str(Path(d["destinationFile"]).parent))
         fmt = old.active.format or "qcow2"
         parent = old.backing[0] if old.backing else None
         if parent is not None and fmt != "qcow2":
             raise MigrationFailed("UnsupportedChain", f"disk {d['name']}: a {fmt} leaf over a backing file")
         try:
-            await volumes.create_volume(remote, pool_name(directory), Path(d["destinationFile"]).name, capacity,
+            await volumes.create_volume(remote, pool, Path(d["destinationFile"]).name, capacity,
                                         backing=d["copiedFiles"][0] if parent else None,
                                         backing_format=(parent.format or "raw") if parent else "qcow2", fmt=fmt)
         except HypervisorError as err:
@@ -239,10 +253,9 @@ async def _migrate(ctx: MigrationContext, target: dict, chains: dict[str, Chain]
     while not call.done():
         try:
             stats = await guest.job_stats()
-        except HypervisorError as err:
-            if err.reason == "DomainNotFound":
-                break
-            raise
+        except HypervisorError:  # the domain is leaving (shut off as migrated, then gone): the call ends
+            await asyncio.wait({call}, timeout=PROGRESS_EVERY / 2)
+            continue
         if stats.active and not tuned:
             tuned = True  # once the job shows: libvirt may apply the call's own figures when it starts
             with contextlib.suppress(HypervisorError):
@@ -341,9 +354,8 @@ async def _remove_target_files(ctx: MigrationContext, target: dict) -> None:
             if await remote.lookup(ctx.vm["metadata"]["uid"]) is not None:
                 return
             for path in files:
-                directory = str(Path(path).parent)
                 with contextlib.suppress(HypervisorError):
-                    await volumes.ensure_dir_pool(remote, pool_name(directory), directory)
+                    await pool_over(remote, str(Path(path).parent))
                 with contextlib.suppress(HypervisorError):
                     await volumes.delete_volume(remote, path)
     except HypervisorError as err:
