@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator.agent import disks
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobRunner, Running
-from libvirt_operator.agent.migrations import live, precheck
+from libvirt_operator.agent.migrations import live, precheck, storage
 from libvirt_operator.agent.migrations.context import MigrationContext, MigrationFailed
 from libvirt_operator.agent.store import Key, VMStore, key_of
 from libvirt_operator.api import meta
@@ -199,7 +199,6 @@ class MigrationJobs:
         result = "Failed"
         try:
             if kind == "Storage":
-                from libvirt_operator.agent.migrations import storage
                 await storage.run(ctx)
                 await ctx.write({"phase": "Succeeded", "completionTime": utcnow(), "conditions": [
                     condition("Ready", "True", "Succeeded", "the disks run on their new files")]})
