@@ -59,9 +59,9 @@ class MigrationJobs:
         """What holds the VM against the reconciler: SKIP (it left this node: don't touch it, don't write),
         a Running migration (report it), or None."""
         mig = (vm.get("status") or {}).get("migration") or {}
-        if mig.get("sourceNode") != self.cfg.node_name or mig.get("targetNode") == self.cfg.node_name:
+        if mig.get("sourceNode") != self.cfg.node_name:
             return None
-        if mig.get("state") == "Landed":
+        if mig.get("state") == "Landed" and mig.get("targetNode") != self.cfg.node_name:
             return SKIP
         if mig.get("state") == "Migrating":
             key = (vm["metadata"]["namespace"], mig.get("name", ""))
