@@ -20,7 +20,8 @@ DEFAULTS = {
                        "cpu": {"vcpus": 1}, "shutdown": {"mode": "acpi", "timeoutSeconds": 120,
                                                          "forceAfterTimeout": False}},
     "VMSnapshot": {"disks": [{"name": "root", "snapshot": "external", "reuseExisting": False}]},
-    "VMMigration": {"type": "Live", "autoConverge": True, "timeoutSeconds": 600},
+    "VMMigration": {"type": "Live", "autoConverge": True, "allowPostCopy": False, "completionTimeoutPerGiB": 150,
+                    "progressTimeoutSeconds": 150},
     "VMQosPolicy": {"priority": 0},
 }
 
