@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class World:
                          "completionTimeoutPerGiB": 150, "progressTimeoutSeconds": 150, **spec}, "status": {}}
 
     def ctx_for(self, mig: dict, kill_at: str | None = None, after_write: bool = True,
-                on_progress=None) -> MigrationContext:
+                on_progress=None, aborted: bool = False) -> MigrationContext:
         """kill_at: the write announcing that step raises Killed (just after it is recorded, or before when not
         after_write); "progress": the first progress write of the Copying step (the copy job runs in libvirtd).
         on_progress(ctx, n): called at the n-th progress write of the Copying step."""
@@ -129,6 +130,8 @@ class World:
         ctx = MigrationContext(node="node-a", host=self.host, roots=self.roots, shared_roots=(), vm=self.obj,
                                migration=mig, guest=self.vm.guest, write=write, write_vm=write_vm,
                                references=self.references, record=record, event=event)
+        if aborted:  # deleted before the job started
+            ctx.abort.set()
         return ctx
 
     def migrate(self, mig: dict, **kw) -> dict:
@@ -332,6 +335,12 @@ def test_bad_input_is_refused_before_anything_is_written_or_touched(world):
         assert err.value.reason == reason, (moves, err.value)
         assert mig["status"] == {} and world.vm_states == [], "nothing written"
         assert sorted(str(p) for p in root_dir.rglob("*")) == listing and world.vm.chains() == chains, "nothing touched"
+    # deleted before the job started: nothing happens
+    mig = world.migration([{"name": "data", "destinationPath": good}])
+    with pytest.raises(MigrationFailed) as err:
+        world.migrate(mig, aborted=True)
+    assert err.value.reason == "MigrationAborted" and mig["status"] == {} and world.vm_states == [], err.value
+    assert sorted(str(p) for p in root_dir.rglob("*")) == listing
     # a block job of someone else's on a disk: OperationInProgress
     scratch = str(d / "scratch.qcow2")
     images.create_image(scratch, "qcow2", DATA_SECTORS * 512, roots=world.roots)
@@ -464,6 +473,41 @@ def test_reentry_after_a_kill_at_each_step(world, kill_at, after_write):
     for chain in before.values():
         for p in chain.paths:
             assert not os.path.exists(p), f"{p}: the old file is removed"
+    assert_clean(world)
+    world.assert_no_orphans_and_nothing_lost()
+    g.prove_same()
+
+
+# -- a guest writing while its disk is mirrored -----------------------------------------------------------
+
+WRITER_SECTOR, WRITER_COUNT = 32768, 40  # at 16 MiB into the data disk, past the bytes the tests fill
+
+
+def test_writes_during_the_copy_land_on_the_new_files(world):
+    """A writer in the guest (one fsync'ed sector after another) runs while the throttled copy goes on; every
+    sector it wrote reads back after the move (the mirror carried the writes made during the copy)."""
+    g = world.guest
+    _fill_data_disk(world, 6)
+    dev = world.vm.dev(DATA_SECTORS)
+    script = (f"i=0; while [ $i -lt {WRITER_COUNT} ]; do printf 'W-%s' $i | dd of={dev} bs=512 "
+              f"seek=$(({WRITER_SECTOR}+i)) count=1 conv=sync,fsync 2>/dev/null; i=$((i+1)); sleep 0.1; done")
+    writer = threading.Thread(target=world.vm.sh, args=(script, 300))  # one guest-exec, while the move runs
+    writer.start()
+    before = world.vm.chains()
+    d = new_dir(world, "writer")
+    moves = moves_into(world, d, "writer")
+    try:
+        st = world.migrate(world.migration(moves, bandwidthMiBPerSecond=2))
+    finally:
+        writer_done_at_end = not writer.is_alive()
+        writer.join(300)
+    assert not writer.is_alive()
+    assert_moved(world, st, moves, before)
+    out = world.vm.sh(f"echo 3 > /proc/sys/vm/drop_caches; i=0; while [ $i -lt {WRITER_COUNT} ]; do "
+                      f"dd if={dev} bs=512 skip=$(({WRITER_SECTOR}+i)) count=1 2>/dev/null | head -c 8 | tr -d '\\0';"
+                      f" echo; i=$((i+1)); done")
+    assert out.split() == [f"W-{i}" for i in range(WRITER_COUNT)], out
+    print(f"writer finished before the move ended: {writer_done_at_end}; move {st['durationMilliseconds']} ms")
     assert_clean(world)
     world.assert_no_orphans_and_nothing_lost()
     g.prove_same()

@@ -121,9 +121,13 @@ class _Move:
             return await self._finish_recorded(step)
         try:
             plan = await self._plan(sp.ours_from_status(self.fields) if step else frozenset())
-        except (HypervisorError, StorageError) as err:
-            raise MigrationFailed(err.reason, err.message) from None
+        except (MigrationFailed, HypervisorError, StorageError) as err:
+            if step is not None:  # re-entered and refused now: what the earlier run made goes (unless used)
+                await self._drop_planned_files()
+            raise _failed(err) from None
         if step is None:
+            if self.ctx.abort.is_set():
+                raise MigrationFailed("MigrationAborted", "the migration was cancelled before it started")
             await self._not_busy(plan)
             await self.ctx.write_vm("Migrating", f"moving disk(s) {', '.join(d.name for d in plan.disks)}")
             await self.write(step=sp.COPY_PARENTS, disks=plan.status_disks(), startTime=common.now())
@@ -171,6 +175,8 @@ class _Move:
 
     async def _move(self, plan: sp.Plan, step: str) -> None:
         order = sp.STEPS.index(step)
+        if order < sp.STEPS.index(sp.PIVOT):
+            self._check_abort()
         if order <= sp.STEPS.index(sp.COPY_PARENTS):
             await self._copy_parents(plan)
         if order <= sp.STEPS.index(sp.PREPARE_LEAVES):
