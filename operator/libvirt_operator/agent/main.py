@@ -137,7 +137,8 @@ class Agent:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.resync_seconds)
-            self._enqueue_all()
+            for key in self.store.all_keys():  # behind event-driven passes, a few at a time (agent/workqueue.py)
+                self.queue.add_background(key)
             self.snapshot_jobs.handle_all()
             self.migration_jobs.handle_all()
 
