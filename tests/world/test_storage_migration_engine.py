@@ -17,6 +17,7 @@ and none that something references gone (no file lost)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import threading
@@ -44,7 +45,15 @@ PARENT_SECTOR = 100  # written into the raw parent on the host before the boot
 PARENT_TEXT = "M2-PARENT-BYTES"
 RAW_SECTORS = 32768  # a 16 MiB raw disk: its leaf is raw and has no backing file
 TARGETS = {"root": "vda", "data": "vdb", "scratch": "vdc"}
+FACTS: dict[str, object] = {}
+FACTS_FILE = Path("/tmp/lvo-m2-engine-facts.json")
 STEPS = ["CopyParents", "PrepareLeaves", "Copying", "Pivot", "Record", "Cleanup", "Done"]
+
+
+def fact(key: str, value: object) -> None:
+    """What libvirt did and how long it took (printed and kept in FACTS_FILE, never asserted)."""
+    FACTS[key] = value
+    FACTS_FILE.write_text(json.dumps(FACTS, indent=2, default=str))
 
 
 class Killed(BaseException):
@@ -202,6 +211,7 @@ def host(libvirt_nodes):
     run(h.connect())
     yield h
     run(h.close())
+    print("\nM2 engine facts:", json.dumps(FACTS, indent=2, default=str))
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +399,8 @@ def test_move_both_disks_while_the_guest_runs(world):
     copying = [p for p in world.progress if p["step"] == "Copying"]
     assert copying and all("percent" in p and "dataTotalBytes" in p for p in copying), world.progress
     assert world.events == []
+    fact("move_three_disks.duration_ms", st["durationMilliseconds"])
+    fact("move_three_disks.progress_writes_while_copying", len(copying))
     assert_clean(world)
     world.assert_no_orphans_and_nothing_lost()
     g.prove_same()
@@ -464,6 +476,16 @@ def test_reentry_after_a_kill_at_each_step(world, kill_at, after_write):
             if run(world.vm.guest.block_job_info(target)) is not None:
                 run(world.vm.guest.block_job_abort(target))
         assert not any(run(world.vm.guest.block_job_info(t)) for t in TARGETS.values())
+    if kill_at == "CopyParents" and after_write:  # killed in the middle of a copy: its temporary file is left
+        for d_ in mig["status"]["disks"]:
+            for copied in d_["copiedFiles"]:
+                head, tail = os.path.split(copied)
+                Path(head, f".{tail}.lvo-tmp-dead").write_bytes(b"half a copy")
+    if kill_at == "Record":  # pivoted, not recorded yet: what libvirt made of the persistent definition itself
+        inactive = run(common.disk_states(world.vm.guest, inactive=True))
+        fact("persistent_paths_after_pivot_before_record",
+             {n: ("new" if s.chain.active.path == m["destinationPath"] else "old")
+              for n, s in inactive.items() for m in moves if m["name"] == n})
     if kill_at == "half-pivot":  # killed between the two pivots: vda runs on its new leaf, vdb's copy is READY
         run(world.vm.guest.block_job_pivot("vda"))
         assert world.vm.chains()["vda"].active.path == moves[0]["destinationPath"]
@@ -507,7 +529,8 @@ def test_writes_during_the_copy_land_on_the_new_files(world):
                       f"dd if={dev} bs=512 skip=$(({WRITER_SECTOR}+i)) count=1 2>/dev/null | head -c 8 | tr -d '\\0';"
                       f" echo; i=$((i+1)); done")
     assert out.split() == [f"W-{i}" for i in range(WRITER_COUNT)], out
-    print(f"writer finished before the move ended: {writer_done_at_end}; move {st['durationMilliseconds']} ms")
+    fact("writer.finished_before_the_move_ended", writer_done_at_end)
+    fact("writer.move_duration_ms", st["durationMilliseconds"])
     assert_clean(world)
     world.assert_no_orphans_and_nothing_lost()
     g.prove_same()

@@ -130,7 +130,8 @@ class _Move:
                 raise MigrationFailed("MigrationAborted", "the migration was cancelled before it started")
             await self._not_busy(plan)
             await self.ctx.write_vm("Migrating", f"moving disk(s) {', '.join(d.name for d in plan.disks)}")
-            await self.write(step=sp.COPY_PARENTS, disks=plan.status_disks(), startTime=common.now())
+            await self.write(step=sp.COPY_PARENTS, disks=plan.status_disks(),
+                             startTime=self.fields.get("startTime") or common.now())
             step = sp.COPY_PARENTS
         try:
             await self._move(plan, step)
