@@ -398,6 +398,8 @@ def test_move_both_disks_while_the_guest_runs(world):
             assert not os.path.exists(p), f"{p}: the old file is removed (nothing else holds it)"
     copying = [p for p in world.progress if p["step"] == "Copying"]
     assert copying and all("percent" in p and "dataTotalBytes" in p for p in copying), world.progress
+    parents = [p for p in world.progress if p["step"] == "CopyParents"]
+    assert parents and parents[-1]["dataTotalBytes"] > 0, world.progress  # the parent's allocated bytes
     assert world.events == []
     fact("move_three_disks.duration_ms", st["durationMilliseconds"])
     fact("move_three_disks.progress_writes_while_copying", len(copying))

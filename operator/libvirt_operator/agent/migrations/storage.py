@@ -204,7 +204,8 @@ class _Move:
         common.remove_temp_files(c.dest for c in copies)
         if not copies:
             return
-        beat = asyncio.create_task(self._parents_heartbeat(copies))
+        stop = asyncio.Event()
+        beat = asyncio.create_task(self._parents_heartbeat(copies, stop))
         try:
             for c in copies:
                 self._check_abort()
@@ -214,15 +215,15 @@ class _Move:
                 if c.backing is not None and c.format == "qcow2":
                     await common.blocking(images.set_backing, c.dest, c.backing, c.backing_format,
                                           roots=self.ctx.roots)
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        finally:  # the heartbeat ends after its write in flight (never two status writes at once)
+            stop.set()
+            with contextlib.suppress(Exception):
                 await beat
         self._check_abort()
 
-    async def _parents_heartbeat(self, copies: tuple[sp.ParentCopy, ...]) -> None:
+    async def _parents_heartbeat(self, copies: tuple[sp.ParentCopy, ...], stop: asyncio.Event) -> None:
         """status.progress while the parents are copied: bytes allocated in the copies against the sources'."""
-        while True:
+        while not stop.is_set():
             jobs = []
             for c in copies:
                 total = _allocated(c.source)
@@ -230,7 +231,8 @@ class _Move:
                 jobs.append((min(done, total), total))
             with contextlib.suppress(Exception):
                 await self.write(progress={**sp.copy_progress(jobs), "updateTime": common.now()})
-            await asyncio.sleep(PROGRESS_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROGRESS_INTERVAL)
 
     async def _prepare_leaves(self, plan: sp.Plan) -> None:
         await self.step_to(sp.PREPARE_LEAVES)
