@@ -199,11 +199,10 @@ class MigrationJobs:
         result = "Failed"
         try:
             if kind == "Storage":
-                await storage.run(ctx)
-                await ctx.write({"phase": "Succeeded", "completionTime": utcnow(), "conditions": [
-                    condition("Ready", "True", "Succeeded", "the disks run on their new files")]})
-                await ctx.write_vm("Succeeded", "the disks run on their new files")
-                await ctx.event("Migrated", f"storage migration {key[1]} finished", False)
+                if not ctx.status.get("step"):
+                    await ctx.event("MigrationStarted", f"storage migration {key[1]} on {self.cfg.node_name}", False)
+                await storage.run(ctx)  # writes its own end state (Succeeded, which files were kept)
+                await ctx.event("Migrated", f"storage migration {key[1]}: the disks run on their new files", False)
             else:
                 await live.run(ctx)
             result = "Succeeded"

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.hypervisor.host import Host
-from libvirt_operator.storage.chain import Chain
 from libvirt_operator.storage.references import References
 
 
@@ -35,7 +34,8 @@ class MigrationContext:
     # the VM's status.migration (state Migrating | Landed | Failed | Aborted, message)
     write_vm: Callable[[str, str], Awaitable[None]]
     references: Callable[[], References]  # every file this node's VMs and snapshots hold
-    record: Callable[[Guest, dict[str, Chain]], Awaitable[None]]  # the domain's disk record (agent/disks.py)
+    # the domain's disk record (agent/disks.record): (guest, chains, origins={disk: the spec path it stands for})
+    record: Callable[..., Awaitable[None]]
     event: Callable[[str, str, bool], Awaitable[None]]  # an Event on the VM
     abort: asyncio.Event = field(default_factory=asyncio.Event)  # set when the VMMigration is being deleted
     scratch: dict = field(default_factory=dict)
