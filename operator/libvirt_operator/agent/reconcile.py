@@ -66,6 +66,7 @@ class Reconciler:
         self._oom: dict[str, int] = {}  # domain uuid -> generation at which the kernel killed its QEMU
         self._failures: dict[Key, int] = {}
         self._pending_events: set[asyncio.Task] = set()
+        self.guests: dict[str, Guest] = {}  # uid -> the Guest last looked up (agent/teardown.known)
         self.snapshots = VMStore()  # this node's VMSnapshots (the agent's watch fills it)
         self.jobs = JobRunner(on_done=lambda uid: None)  # replaced by the agent's runner
         self.snapshot_jobs = None  # agent.snapshot_jobs.SnapshotJobs, set by the agent
@@ -119,7 +120,9 @@ class Reconciler:
         except ValidationError as exc:
             await self._failed(obj, "InvalidSpec", str(exc).replace("\n", " "), lookup=False)
             return None
-        guest = await self.host.lookup(md["uid"])
+        guest = teardown.known(self, md["uid"]) if deleting else None  # no lookup behind a burst's destroys
+        guest = guest or await self.host.lookup(md["uid"])
+        teardown.remember(self, md["uid"], guest)
         held = self.jobs.busy(md["uid"])
         if held is None and self.migration_jobs is not None:
             held = self.migration_jobs.holds(obj)

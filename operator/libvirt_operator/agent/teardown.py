@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from libvirt_operator.agent import define, disks, power, power_actions, report, requests, workqueue
@@ -25,6 +26,24 @@ from libvirt_operator.hypervisor.guest import Guest
 from libvirt_operator.storage.chain import Chain
 
 log = logging.getLogger(__name__)
+
+
+def known(r, uid: str) -> Guest | None:
+    """The Guest a pass of this VM last looked up: a deleting pass acts on it at once instead of asking
+    libvirt again, a lookup that waits in libvirtd's queue behind the burst's destroys (or behind the
+    destroys in flight on the domain's connection). Possibly stale: run() takes DomainNotFound for gone."""
+    return r.guests.get(uid)
+
+
+def remember(r, uid: str, guest: Guest | None) -> None:
+    if guest is None:
+        r.guests.pop(uid, None)
+        return
+    r.guests[uid] = guest
+    if len(r.guests) > 2 * len(r.store.all_keys()) + 16:  # VMs that left the node without a delete pass
+        live = {(r.store.get(k) or {}).get("metadata", {}).get("uid") for k in r.store.all_keys()}
+        for stale in [u for u in r.guests if u not in live]:
+            del r.guests[stale]
 
 
 async def run(r, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> float | None:
@@ -44,62 +63,26 @@ async def run(r, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> fl
     def mark(what: str) -> None:
         marks.append(f"{what} +{(time.perf_counter() - t0) * 1000:.0f}")
 
-    async def later(reason: str, message: str, warning: bool = False) -> None:
-        deferred.append((reason, message, warning))
-
     async def flush() -> None:
         for reason, message, warning in deferred:
             await r.event(obj, reason, message, warning)
         deferred.clear()
 
     try:
-        if guest is not None and spec.shutdown.mode == "force":
-            # what power.decide would say for any active state (destroy) without asking for the state first:
-            # each call before the destroy waits in libvirtd's queue behind the burst's other destroys
-            try:
-                await guest.destroy()
-                mark("destroy")
-                log.info("%s/%s: destroy", obj["metadata"]["namespace"], obj["metadata"]["name"])
-                await later("PoweredOff", "powered off")
-            except HypervisorError as exc:
-                if exc.reason != "OperationInvalid":  # "domain is not running": nothing to power off
-                    raise
-        elif guest is not None:
-            seen = await r.observe(guest)
-            if seen.state in power.ACTIVE_STATES:
-                st = obj.get("status") or {}
-                want = r.desired(obj, spec, stopping=True)
-                d = power.decide(want, seen, r.history(st))
-                refused = await power_actions.act(obj, spec, guest, d, later)
-                mark(d.action.value)
-                if d.action is not power.Action.DESTROY:  # a destroy that returned left the domain inactive
-                    seen = await r.observe(guest)
-                    if seen.state in power.ACTIVE_STATES:
-                        await flush()
-                        after = power.reassess(want, seen, d, r.history(obj.get("status") or {}))
-                        stored = DomainConfig.from_xml(await guest.xml(inactive=True))
-                        live = report.Live(facts_xml=stored, running=False)
-                        await r.write(obj, report.for_pass(obj, spec, guest, after, True, requests.carried(st),
-                                                           live, {}, refused))
-                        return after.requeue if after.requeue is not None else d.requeue
-        if guest is not None:
-            # the disk record is read before the definition is gone, and only when disks are to be deleted
-            chains = (disks.record_from(await define.stored_definition(guest), obj)
-                      if spec.disk_deletion_policy == "Delete" else {})
-            await guest.undefine()
-            mark("undefined")
-            powered_off = [e for e in deferred if e[0] == "PoweredOff" and not e[2]]
-            for e in powered_off:  # one Event for the power-off and the removal
-                deferred.remove(e)
-            deferred.append(("Undefined", f"domain {guest.name} {'powered off and ' if powered_off else ''}"
-                             f"removed from {r.cfg.node_name}", False))
-        else:
-            chains = disks.record_from(None, obj)  # undefined by an earlier pass: status still has the record
+        try:
+            done, chains = await _stop_and_undefine(r, obj, spec, guest, mark, deferred, flush)
+        except HypervisorError as exc:
+            if exc.reason != "DomainNotFound":
+                raise
+            done, chains = None, disks.record_from(None, obj)  # gone meanwhile (a remembered Guest)
+        if done is not None:
+            return done.requeue
         if spec.disk_deletion_policy == "Delete":
             await _delete_disks(r, obj, spec, chains)
         updated = await r.set_finalizer(obj, add=False)
         mark("finalizer removed")
         md = obj["metadata"]
+        r.guests.pop(md.get("uid"), None)
         current = r.store.get((md["namespace"], md["name"]))
         if updated and current is not None and current["metadata"].get("uid") == md.get("uid"):
             r.store.put(updated)  # without our finalizer: a pass queued meanwhile has nothing to do
@@ -107,6 +90,64 @@ async def run(r, obj: dict, spec: VirtualMachineSpec, guest: Guest | None) -> fl
         await flush()
     log.info("%s/%s: deleted: %s ms", md["namespace"], md["name"], ", ".join(marks))
     return None
+
+
+@dataclass(frozen=True)
+class _Again:
+    requeue: float | None
+
+
+async def _stop_and_undefine(r, obj: dict, spec: VirtualMachineSpec, guest: Guest | None, mark,
+                             deferred: list[tuple[str, str, bool]], flush) -> tuple[_Again | None, Mapping[str, Chain]]:
+    """Powers the domain off and undefines it: (None, the disks' chains), or (_Again, {}) while a graceful
+    shutdown is under way (status written). Events go to `deferred`."""
+
+    async def later(reason: str, message: str, warning: bool = False) -> None:
+        deferred.append((reason, message, warning))
+
+    if guest is not None and spec.shutdown.mode == "force":
+        # what power.decide would say for any active state (destroy) without asking for the state first:
+        # each call before the destroy waits in libvirtd's queue behind the burst's other destroys
+        try:
+            await guest.destroy()
+            mark("destroy")
+            log.info("%s/%s: destroy", obj["metadata"]["namespace"], obj["metadata"]["name"])
+            await later("PoweredOff", "powered off")
+        except HypervisorError as exc:
+            if exc.reason != "OperationInvalid":  # "domain is not running": nothing to power off
+                raise
+    elif guest is not None:
+        seen = await r.observe(guest)
+        if seen.state in power.ACTIVE_STATES:
+            st = obj.get("status") or {}
+            want = r.desired(obj, spec, stopping=True)
+            d = power.decide(want, seen, r.history(st))
+            refused = await power_actions.act(obj, spec, guest, d, later)
+            mark(d.action.value)
+            if d.action is not power.Action.DESTROY:  # a destroy that returned left the domain inactive
+                seen = await r.observe(guest)
+                if seen.state in power.ACTIVE_STATES:
+                    await flush()
+                    after = power.reassess(want, seen, d, r.history(obj.get("status") or {}))
+                    stored = DomainConfig.from_xml(await guest.xml(inactive=True))
+                    live = report.Live(facts_xml=stored, running=False)
+                    await r.write(obj, report.for_pass(obj, spec, guest, after, True, requests.carried(st),
+                                                       live, {}, refused))
+                    return _Again(after.requeue if after.requeue is not None else d.requeue), {}
+    if guest is not None:
+        # the disk record is read before the definition is gone, and only when disks are to be deleted
+        chains = (disks.record_from(await define.stored_definition(guest), obj)
+                  if spec.disk_deletion_policy == "Delete" else {})
+        await guest.undefine()
+        mark("undefined")
+        powered_off = [e for e in deferred if e[0] == "PoweredOff" and not e[2]]
+        for e in powered_off:  # one Event for the power-off and the removal
+            deferred.remove(e)
+        deferred.append(("Undefined", f"domain {guest.name} {'powered off and ' if powered_off else ''}"
+                         f"removed from {r.cfg.node_name}", False))
+    else:
+        chains = disks.record_from(None, obj)  # undefined by an earlier pass: status still has the record
+    return None, chains
 
 
 def own_files(spec: VirtualMachineSpec, chains: Mapping[str, Chain]) -> tuple[list[str], set[str]]:
