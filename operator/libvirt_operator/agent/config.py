@@ -22,7 +22,10 @@ class AgentConfig:
     # (seconds under TCG), so a burst of 50 starts needs about as many; asyncio tasks are cheap, the
     # libvirt threads (workers + 8) and connections bound what runs at once.
     workers: int = 48
-    libvirt_connections: int = 8  # libvirtd runs 5 calls per connection at a time (max_client_requests)
+    # libvirtd runs 5 calls per connection at a time (max_client_requests); a VM's calls stay on one
+    # connection (by UUID), so with 8 the VMs of a burst of 50 deletes that hash to a busy connection waited
+    # there behind its 5 destroys in flight (bench/vm_start.py, delete of 50: with 16, at raw's pace).
+    libvirt_connections: int = 16
     # Roots on storage shared with other nodes (same path there): a Live migration needs every file
     # of the VM under one, on both nodes; only then is VIR_MIGRATE_UNSAFE passed.
     shared_storage_roots: tuple[Path, ...] = ()
