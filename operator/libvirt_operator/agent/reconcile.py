@@ -128,7 +128,8 @@ class Reconciler:
             held = self.migration_jobs.holds(obj)
             if held is migration_jobs.SKIP:
                 return None  # the domain runs on the migration's target: that agent takes the VM over
-            if guest is not None and held is None:
+            landed = ((obj.get("status") or {}).get("migration") or {}).get("state") == "Landed"
+            if guest is not None and held is None and landed:  # adopt acts on Landed only: no state call else
                 await self.migration_jobs.adopt(obj, (await guest.state()).state == "running")
         if held is None and not deleting and self.snapshot_jobs is not None:
             held = self.snapshot_jobs.start_revert(obj)
