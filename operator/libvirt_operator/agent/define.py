@@ -40,14 +40,16 @@ class RenderCache:
         self._xml: dict[tuple, str] = {}
 
     def render(self, obj: dict, spec: VirtualMachineSpec, *, domain_type: str, console_log: str,
-               without: frozenset[str] = frozenset(), disk_chains: Mapping[str, Chain] | None = None) -> DomainConfig:
+               without: frozenset[str] = frozenset(), disk_chains: Mapping[str, Chain] | None = None,
+               disk_origins: Mapping[str, str] | None = None) -> DomainConfig:
         md = obj["metadata"]
-        record = tuple(sorted((disk_chains or {}).items()))  # a changed record renders again
+        # a changed record renders again
+        record = (tuple(sorted((disk_chains or {}).items())), tuple(sorted((disk_origins or {}).items())))
         key = (md["uid"], md.get("generation", 1), domain_type, console_log, without, record)
         text = self._xml.get(key)
         if text is None:
             text = render(obj, spec, domain_type=domain_type, console_log=console_log,
-                          disk_chains=disk_chains).to_xml()
+                          disk_chains=disk_chains, disk_origins=disk_origins).to_xml()
             if len(self._xml) >= self._size:
                 self._xml.pop(next(iter(self._xml)))
             self._xml[key] = text
@@ -55,13 +57,15 @@ class RenderCache:
 
 
 def render(obj: dict, spec: VirtualMachineSpec, *, domain_type: str, console_log: str,
-           disk_chains: Mapping[str, Chain] | None = None) -> DomainConfig:
+           disk_chains: Mapping[str, Chain] | None = None,
+           disk_origins: Mapping[str, str] | None = None) -> DomainConfig:
     """The domain for this object's spec, its disks on their recorded chains (RenderError on a spec
     no domain can express)."""
     md = obj["metadata"]
     return render_domain(spec, name=naming.default_domain_name(md["namespace"], md["name"]), uuid=md["uid"],
                          namespace=md["namespace"], vm_name=md["name"], generation=md.get("generation", 1),
-                         domain_type=domain_type, console_log=console_log, disk_chains=disk_chains)
+                         domain_type=domain_type, console_log=console_log, disk_chains=disk_chains,
+                         disk_origins=disk_origins)
 
 
 async def stored_definition(guest: Guest | None) -> DomainConfig | None:

@@ -56,6 +56,13 @@ def record_from(stored: DomainConfig | None, obj: dict) -> dict[str, Chain]:
     return applicable(chains, obj.get("spec") or {}, origins)
 
 
+def origins_from(stored: DomainConfig | None, obj: dict) -> dict[str, str]:
+    """The recorded origins that still apply: {disk name: spec path} for each moved disk (moved_disks)."""
+    own = stored.operator_metadata if stored is not None else None
+    names = moved_disks(stored, obj)
+    return {name: path for name, path in own.disk_origins.items() if name in names} if names else {}
+
+
 def moved_disks(stored: DomainConfig | None, obj: dict) -> frozenset[str]:
     """Disks whose files a migration moved off their spec path (recorded origin == spec path)."""
     own = stored.operator_metadata if stored is not None else None

@@ -161,7 +161,8 @@ class Reconciler:
             wanted = self.renders.render(obj, runnable, domain_type=self._domain_type(spec),
                                          console_log=str(self.cfg.console_log_dir / f"{self._name(obj)}.console.log"),
                                          without=frozenset(unavailable),
-                                         disk_chains=disks.record_from(stored, obj) or cloned)
+                                         disk_chains=disks.record_from(stored, obj) or cloned,
+                                         disk_origins=disks.origins_from(stored, obj))
         except RenderError as exc:
             await self._failed(obj, "InvalidSpec", str(exc), guest)
             return None

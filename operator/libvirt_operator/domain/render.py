@@ -46,13 +46,15 @@ def render_domain(
     console_log: str | None,
     uid: str | None = None,
     disk_chains: Mapping[str, Chain] | None = None,
+    disk_origins: Mapping[str, str] | None = None,
 ) -> DomainConfig:
     """The domain for ``spec``. ``domain_type`` is the resolved 'kvm' or 'qemu';
     ``console_log`` receives the serial console's output; ``uid`` is the
     VirtualMachine's metadata.uid (defaults to ``uuid``). ``disk_chains`` is the record of the disks'
     chains by disk name (after a snapshot the active file is a leaf over the spec's path): a disk
     (not a CD-ROM) named there runs on its chain's active file, in that file's format. The metadata
-    records the chain of every file-backed disk (the spec's path alone when it has no record)."""
+    records the chain of every file-backed disk (the spec's path alone when it has no record), and
+    ``disk_origins`` the spec path each moved disk's chain stands for (after a migration moved it)."""
     if domain_type not in ("kvm", "qemu"):
         raise RenderError(f"domain type must be resolved to 'kvm' or 'qemu', not {domain_type!r}")
     machine = IDE_MACHINE if any(_bus(disk) == "ide" for disk in spec.disks) else MACHINE
@@ -69,6 +71,7 @@ def render_domain(
     own = OperatorMetadata(vm_namespace=namespace, vm_name=vm_name, vm_uid=uid or uuid, generation=generation)
     own.boot_fields = boot_fields(spec, domain_type, machine)
     own.disks = chains
+    own.disk_origins = {k: v for k, v in (disk_origins or {}).items() if k in chains}
     domain.operator_metadata = own
     own.config_hash = domain.config_hash()
     return domain

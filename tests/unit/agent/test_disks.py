@@ -1,6 +1,6 @@
 """agent/disks: which chains a VM's disks run on (record_from) and who needs which file (node_references)."""
 
-from libvirt_operator.agent.disks import moved_disks, node_references, record_from
+from libvirt_operator.agent.disks import moved_disks, node_references, origins_from, record_from
 from libvirt_operator.agent.store import VMStore
 from libvirt_operator.api.virtualmachine import VirtualMachineSpec
 from libvirt_operator.domain import DomainConfig, render_domain
@@ -171,3 +171,19 @@ def test_a_chain_a_migration_moved_off_the_spec_path_stays_recorded():
     other = {**SPEC, "disks": [{"name": "root", "path": "/img/new.qcow2"}, *SPEC["disks"][1:]]}
     assert "root" not in record_from(again, vm(spec=other))
     assert moved_disks(again, vm(spec=other)) == frozenset()
+
+
+def test_a_redefinition_keeps_a_moved_disks_origin():
+    """The reconciler renders from record_from + origins_from: the origin survives its redefinitions."""
+    moved = Chain.of(("/other/root.qcow2", "qcow2"))
+    dom = stored({"root": moved})
+    own = dom.operator_metadata
+    own.disk_origins = {"root": "/img/root.qcow2"}
+    dom.operator_metadata = own
+    again = render_domain(VirtualMachineSpec.model_validate(SPEC), name="default_web", uuid=UID,
+                          namespace="default", vm_name="web", generation=2, domain_type="qemu", console_log=None,
+                          disk_chains=record_from(dom, vm()), disk_origins=origins_from(dom, vm()))
+    again = DomainConfig.from_xml(again.to_xml())
+    assert again.operator_metadata.disk_origins == {"root": "/img/root.qcow2"}
+    assert record_from(again, vm())["root"] == moved
+    assert origins_from(stored(), vm()) == {}
