@@ -521,7 +521,7 @@ def test_writes_during_the_copy_land_on_the_new_files(world):
     d = new_dir(world, "writer")
     moves = moves_into(world, d, "writer")
     try:
-        st = world.migrate(world.migration(moves, bandwidthMiBPerSecond=2))
+        st = world.migrate(world.migration(moves, bandwidthMibPerSecond=2))
     finally:
         writer_done_at_end = not writer.is_alive()
         writer.join(300)
@@ -567,7 +567,7 @@ def test_abort_during_a_throttled_copy_leaves_the_vm_on_its_old_files(world):
     g.write_data("M2-DATA-abort")
     before = world.vm.chains()
     d = new_dir(world, "abort")
-    mig = world.migration(moves_into(world, d, "abort"), bandwidthMiBPerSecond=1)
+    mig = world.migration(moves_into(world, d, "abort"), bandwidthMibPerSecond=1)
 
     def abort_at_third(ctx, n):
         if n == 3:
@@ -588,7 +588,7 @@ def test_abort_during_a_throttled_copy_leaves_the_vm_on_its_old_files(world):
 def test_completion_timeout_aborts_the_copy(world):
     before = world.vm.chains()
     d = new_dir(world, "timeout")
-    mig = world.migration(moves_into(world, d, "timeout"), bandwidthMiBPerSecond=1, completionTimeoutPerGiB=2)
+    mig = world.migration(moves_into(world, d, "timeout"), bandwidthMibPerSecond=1, completionTimeoutPerGiB=2)
     with pytest.raises(MigrationFailed) as err:
         world.migrate(mig)
     assert err.value.reason == "MigrationTimedOut", err.value

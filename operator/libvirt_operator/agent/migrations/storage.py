@@ -260,7 +260,7 @@ class _Move:
         xml = await self.guest.xml()
         mirrors = sp.mirrors(xml)
         live = {s.target: s for s in (await common.disk_states(self.guest)).values()}
-        bandwidth = self._spec().get("bandwidthMiBPerSecond")
+        bandwidth = self._spec().get("bandwidthMibPerSecond")
         waiting = []
         for d in plan.disks:
             job = await self.guest.block_job_info(d.target)
