@@ -245,9 +245,11 @@ class MigrationJobs:
                 "message": message[:1000], "time": utcnow()})
 
         async def event(reason: str, message: str, warning: bool = False) -> None:
+            # in the background: an Event never delays the migration's next step
             for target, kind_ in ((vm, "VirtualMachine"), (mig, "VMMigration")):
                 ref = {"apiVersion": meta.API_VERSION, "kind": kind_, "metadata": dict(target["metadata"])}
-                await asyncio.to_thread(events.post, ref, reason, message, warning=warning, component=COMPONENT)
+                asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                    events.post, ref, reason, message, warning=warning, component=COMPONENT))
 
         ctx = MigrationContext(
             node=me, host=self.host, roots=tuple(map(str, self.cfg.storage_roots)),

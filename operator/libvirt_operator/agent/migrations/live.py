@@ -286,7 +286,7 @@ async def _migrate(ctx: MigrationContext, target: dict, chains: dict[str, Chain]
         if stop is not None:  # an abort can surface as any failure when it races with the stream
             raise MigrationFailed(stop, _why(stop, spec) + f" ({err.message})") from err
         raise MigrationFailed("MigrationFailed", err.message) from err
-    await ctx.write({"progress": {**(ctx.status.get("progress") or {}), "percent": 100, "updateTime": utcnow()}})
+    ctx.scratch["progress"] = {**(ctx.status.get("progress") or {}), "percent": 100, "updateTime": utcnow()}
 
 
 def _why(stop: str, spec: dict) -> str:
@@ -376,7 +376,8 @@ async def hand_over(ctx: MigrationContext) -> None:
         if verdict.keep:
             held = "; ".join(f"{p} (held by {', '.join(o)})" for p, o in verdict.keep.items())
             await ctx.event("DiskKept", f"kept on {ctx.node}: {held}", False)
-    await ctx.write({"step": "HandOver", "phase": "HandingOver"})
+    done = {"progress": ctx.scratch["progress"]} if "progress" in ctx.scratch else {}
+    await ctx.write({"step": "HandOver", "phase": "HandingOver", **done})
     await ctx.event("MigrationLanded", f"the VM runs on node {target}; node {ctx.node} hands it over", False)
 
 
