@@ -367,8 +367,8 @@ class Migrations:
                 for field, value, manager in plan.kept_fields(vm, step.retire, step.keep_as):
                     rv = (await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {field: value},
                                                   manager, False, rv))["metadata"]["resourceVersion"]
-            for manager in plan.retired_managers(step.retire):
-                await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
+            await asyncio.gather(*(asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
+                                   for manager in plan.retired_managers(step.retire)))
             log.info("VM %s/%s: the status field managers of node %s's agent retired", ns, name, step.retire)
             return True
         if step.phase == "HandingOver":
