@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,12 +38,15 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator.api import meta
 from libvirt_operator.api.vmmigration import TERMINAL_PHASES
 from libvirt_operator.cli.client import VMClient
+from libvirt_operator.cli.names import generated_name
+from libvirt_operator.cli.names import host_path as _path
+from libvirt_operator.cli.names import label as _label
+from libvirt_operator.cli.names import vm_name as _name
 from libvirt_operator.cli.plan import Check, CreateObject, Plan, Refused, Result, arg, command
 from libvirt_operator.cli.vmread import condition, find_disk, node_of, power_state, spec, to_bytes
 from libvirt_operator.cli.wait import wait
 
 MIGRATIONS = "vmmigrations"
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 GIB = 2**30
 MAX_PER_GIB = 86_400  # the API's bound of completionTimeoutPerGiB
 WAIT = arg("--wait", action="store_true", help="wait for the outcome; exit 1 if it failed")
@@ -55,24 +57,8 @@ BANDWIDTH = arg("--bandwidth", type=int, metavar="MiB", help="bandwidth limit in
 VERBOSE = arg("--verbose", action="store_true", help="with --wait: print the percent copied as it grows")
 
 
-def _name(vm: dict) -> str:
-    return vm["metadata"]["name"]
 
 
-def _label(value: str, what: str) -> str:
-    if len(value) > 63 or not DNS_LABEL.fullmatch(value):
-        raise Refused(f"{what} {value!r} is not a DNS label (at most 63 lower-case letters, digits and '-')")
-    return value
-
-
-def _path(value: str, what: str) -> str:
-    if not value.startswith("/"):
-        raise Refused(f"{what} must be an absolute host path, not {value!r}")
-    return os.path.normpath(value)
-
-
-def generated_name(vm_name: str, what: str) -> str:
-    return f"{vm_name[:40].rstrip('-')}-{what}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def _refuse_stopped(vm: dict) -> None:

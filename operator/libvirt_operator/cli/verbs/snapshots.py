@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -29,6 +27,10 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator.api import meta
 from libvirt_operator.cli.client import VMClient
+from libvirt_operator.cli.names import generated_name
+from libvirt_operator.cli.names import host_path as _path
+from libvirt_operator.cli.names import label as _label
+from libvirt_operator.cli.names import vm_name as _name
 from libvirt_operator.cli.outcomes import request_done
 from libvirt_operator.cli.output import table
 from libvirt_operator.cli.plan import (
@@ -47,7 +49,6 @@ from libvirt_operator.cli.vmread import condition, disks, find_disk, power_state
 from libvirt_operator.cli.wait import wait
 
 SNAPSHOTS = "vmsnapshots"
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 WAIT = arg("--wait", action="store_true", help="wait for the outcome; exit 1 if it failed")
 TIMEOUT = arg("--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
 POWER_AFTER = (arg("--running", action="store_true", help="also set powerState Running (the VM runs after the revert)"),
@@ -55,24 +56,8 @@ POWER_AFTER = (arg("--running", action="store_true", help="also set powerState R
                    "the revert)"))
 
 
-def _name(vm: dict) -> str:
-    return vm["metadata"]["name"]
 
 
-def _label(value: str, what: str) -> str:
-    if len(value) > 63 or not DNS_LABEL.fullmatch(value):
-        raise Refused(f"{what} {value!r} is not a DNS label (at most 63 lower-case letters, digits and '-')")
-    return value
-
-
-def _path(value: str, what: str) -> str:
-    if not value.startswith("/"):
-        raise Refused(f"{what} must be an absolute host path, not {value!r}")
-    return os.path.normpath(value)
-
-
-def generated_name(vm_name: str, what: str = "snap") -> str:
-    return f"{vm_name[:40].rstrip('-')}-{what}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 # -- which disk is which ------------------------------------------------------------------------
@@ -246,7 +231,7 @@ def snapshot_body(vm: dict, args: argparse.Namespace) -> tuple[dict, list[str]]:
         snap_spec["forClone"] = True
     if args.stop_after:
         snap_spec["stopAfter"] = True
-    snapshot = _label(args.snapshot or generated_name(name), "snapshot name")
+    snapshot = _label(args.snapshot or generated_name(name, "snap"), "snapshot name")
     body = {"apiVersion": meta.API_VERSION, "kind": "VMSnapshot",
             "metadata": {"name": snapshot, "namespace": vm["metadata"].get("namespace", "default")},
             "spec": snap_spec}
