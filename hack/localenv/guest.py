@@ -177,8 +177,9 @@ def wait_in_guest(dom: libvirt.virDomain, script: str, expect, timeout: float = 
         time.sleep(0.3)
 
 
-def qemu_pid(uuid: str) -> int | None:
-    """The QEMU process of domain `uuid` (its -uuid argument). libvirt nodes share the host's PID namespace."""
+def qemu_processes(needle: bytes) -> list[int]:
+    """QEMU processes with `needle` in an argument (libvirt nodes share the host's PID namespace)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -186,9 +187,20 @@ def qemu_pid(uuid: str) -> int | None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[0].endswith(b"qemu-system-x86_64") and uuid.encode() in argv:
-            return int(entry.name)
-    return None
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(needle in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def qemu_pids(uuid: str) -> list[int]:
+    """Every QEMU process of domain `uuid` (its -uuid argument) on this machine."""
+    return qemu_processes(uuid.encode())
+
+
+def qemu_pid(uuid: str) -> int | None:
+    """The QEMU process of domain `uuid`, if one runs."""
+    pids = qemu_pids(uuid)
+    return pids[0] if pids else None
 
 
 def vcpu_thread_affinity(pid: int) -> dict[int, str]:

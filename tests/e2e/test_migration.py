@@ -30,7 +30,7 @@ from localenv.kubenodes import register_node
 from localenv.operator import NAMESPACE, local_root
 from localenv.simnodes import SimNodes
 from tests.e2e.test_snapshots import DATA_SECTORS, Snapshots, chain, check_clean, dev, status_disk
-from tests.e2e.vmtools import NS, condition, guest_run, manifest, placement_facts, wait_runs_only_on
+from tests.e2e.vmtools import CustomObjects, condition, guest_run, manifest, placement_facts, wait_runs_only_on
 
 pytestmark = pytest.mark.migration  # needs the agent (migration_jobs) and controller (migrations) of issue 9
 
@@ -44,31 +44,8 @@ OTHER = {"node-a": "node-b", "node-b": "node-a"}
 
 # -- VMMigrations through the API server ---------------------------------------------------------------------
 
-class Migrations:
-    def __init__(self, cluster):
-        self.api = client.CustomObjectsApi(cluster.control_plane.api_client())
-        self.created: list[str] = []
-
-    def create(self, name: str, vm: str, **spec) -> dict:
-        body = {"apiVersion": meta.API_VERSION, "kind": "VMMigration", "metadata": {"name": name, "namespace": NS},
-                "spec": {"vmName": vm, **spec}}
-        self.created.append(name)
-        return self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmmigrations", body)
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return self.api.get_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmmigrations", name)
-        except client.exceptions.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def delete(self, name: str) -> None:
-        try:
-            self.api.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmmigrations", name)
-        except client.exceptions.ApiException as exc:
-            if exc.status != 404:
-                raise
+class Migrations(CustomObjects):
+    kind, plural = "VMMigration", "vmmigrations"
 
     def wait(self, name: str, check, what: str, timeout: float = MIGRATION_TIMEOUT, every: float = 0.2,
              seen: list | None = None) -> dict | None:

@@ -13,39 +13,14 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from kubernetes import client
 
-from libvirt_operator.api import meta
-from tests.e2e.vmtools import NS, condition, guest_run, manifest, qemu_pid
+from tests.e2e.vmtools import CustomObjects, condition, guest_run, manifest, qemu_pid
 
 ROOT_SECTORS, DATA_SECTORS = 131072, 65536  # 64 MiB system disk, 32 MiB data disk
 
 
-class Snapshots:
-    def __init__(self, cluster):
-        self.api = client.CustomObjectsApi(cluster.control_plane.api_client())
-        self.created: list[str] = []
-
-    def create(self, name: str, vm: str, **spec) -> dict:
-        body = {"apiVersion": meta.API_VERSION, "kind": "VMSnapshot", "metadata": {"name": name, "namespace": NS},
-                "spec": {"vmName": vm, **spec}}
-        self.created.append(name)
-        return self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmsnapshots", body)
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return self.api.get_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmsnapshots", name)
-        except client.exceptions.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def delete(self, name: str) -> None:
-        try:
-            self.api.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, "vmsnapshots", name)
-        except client.exceptions.ApiException as exc:
-            if exc.status != 404:
-                raise
+class Snapshots(CustomObjects):
+    kind, plural = "VMSnapshot", "vmsnapshots"
 
     def wait(self, name: str, check, what: str, timeout: float = 180) -> dict | None:
         deadline = time.monotonic() + timeout

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import libvirt
 from kubernetes import client
 
 from libvirt_operator.api import meta
 from localenv.cluster import Cluster
-from localenv.guest import guest_sh, qemu_pid  # noqa: F401 (qemu_pid: for the tests)
+from localenv.guest import guest_sh, qemu_pid, qemu_pids  # noqa: F401 (qemu_pid(s): for the tests)
 
 NS = "default"
 
@@ -150,21 +149,6 @@ def wait_guest(dom: libvirt.virDomain, command: str, check: Callable[[str], bool
 
 # -- where a VM runs: QEMU processes and libvirt definitions per node (for migrations) -------------
 
-def qemu_pids(uuid: str) -> list[int]:
-    """Every QEMU process of domain `uuid` on this machine (all nodes share the host's PID namespace)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"qemu-system-x86_64") and uuid.encode() in argv:
-            found.append(int(entry.name))
-    return found
-
-
 def domain_state(node, uuid: str) -> str:
     """'absent', or 'running'/'paused'/'shutoff'/... plus '+persistent' or '+transient', of domain `uuid`
     as node's libvirtd sees it."""
@@ -203,3 +187,34 @@ def wait_runs_only_on(cluster: Cluster, uuid: str, node: str, timeout: float = 9
         if time.monotonic() > deadline:
             raise AssertionError(f"domain {uuid} does not run on {node} alone: {facts}")
         time.sleep(0.3)
+
+
+class CustomObjects:
+    """One kind of ours in the test namespace: create, get, delete, and the ones a test made."""
+
+    kind = plural = ""
+
+    def __init__(self, cluster):
+        self.api = client.CustomObjectsApi(cluster.control_plane.api_client())
+        self.created: list[str] = []
+
+    def create(self, name: str, vm: str, **spec) -> dict:
+        body = {"apiVersion": meta.API_VERSION, "kind": self.kind, "metadata": {"name": name, "namespace": NS},
+                "spec": {"vmName": vm, **spec}}
+        self.created.append(name)
+        return self.api.create_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, self.plural, body)
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return self.api.get_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, self.plural, name)
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete(self, name: str) -> None:
+        try:
+            self.api.delete_namespaced_custom_object(meta.GROUP, meta.VERSION, NS, self.plural, name)
+        except client.exceptions.ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from libvirt_operator.hypervisor import events
+from localenv.guest import qemu_processes
 
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -79,17 +80,10 @@ def lifecycle(uuid: str, name: str) -> Callable[[Any], bool]:
 
 def qemu_pid(domain_name: str) -> int:
     """The QEMU process running `domain_name` (its -name guest=NAME,... argument)."""
-    needle = f"guest={domain_name},".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(needle in a for a in argv):
-            return int(entry.name)
-    raise LookupError(f"no QEMU process for {domain_name}")
+    pids = qemu_processes(f"guest={domain_name},".encode())
+    if not pids:
+        raise LookupError(f"no QEMU process for {domain_name}")
+    return pids[0]
 
 
 async def process_exit(pid: int) -> float:

@@ -199,8 +199,6 @@ class MigrationJobs:
         result = "Failed"
         try:
             if kind == "Storage":
-                if not ctx.status.get("step"):
-                    await ctx.event("MigrationStarted", f"storage migration {key[1]} on {self.cfg.node_name}", False)
                 await storage.run(ctx)  # writes its own end state (Succeeded, which files were kept)
                 await ctx.event("Migrated", f"storage migration {key[1]}: the disks run on their new files", False)
             else:

@@ -243,8 +243,6 @@ async def _migrate(ctx: MigrationContext, target: dict, chains: dict[str, Chain]
     await guest.set_max_speed(spec.get("bandwidthMibPerSecond") or 0)
     await ctx.write_vm("Migrating", f"to node {target['node']}")
     await ctx.write({"step": "Migrating", "startTime": ctx.status.get("startTime") or utcnow()})
-    await ctx.event("MigrationStarted", f"{spec.get('type', 'Live')} migration {ctx.migration['metadata']['name']} "
-                    f"from {ctx.node} to {target['node']}", False)
     call = asyncio.ensure_future(guest.migrate(target["migrationUri"], opts))
     stop: str | None = None  # why we cancelled it: MigrationAborted, MigrationTimedOut, NoProgress
     postcopy = False
