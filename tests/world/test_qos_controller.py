@@ -45,8 +45,13 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.CustomObjec
     try:
         for f in _crd_files(tmp):
             subprocess.run([*kubectl, "apply", "--server-side", "-f", str(f)], check=True, capture_output=True)
-            subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(f)],
-                           check=True, capture_output=True)
+            for _ in range(50):  # kubectl wait errors out while the new CRD has no status.conditions yet
+                waited = subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "-f",
+                                         str(f)], capture_output=True, text=True)
+                if waited.returncode == 0 or "accessor error" not in waited.stderr:
+                    break
+                time.sleep(0.2)
+            waited.check_returncode()
         client.CoreV1Api(api_client).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
         controller.start()
