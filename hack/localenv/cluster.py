@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,19 @@ def install_crds(cp: ControlPlane) -> None:
     kubectl = [str(cp.bin_dir / "kubectl"), "--kubeconfig", str(cp.kubeconfig)]
     subprocess.run([*kubectl, "apply", "--server-side", "-f", str(REPO / "crds")], check=True,
                    capture_output=True, text=True)
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds")],
-                   check=True, capture_output=True, text=True)
+    wait_established(kubectl, REPO / "crds")
+
+
+def wait_established(kubectl: list[str], path) -> None:
+    """kubectl wait for the CRDs in `path` to be Established; again while a just-applied CRD has no
+    status.conditions yet (kubectl errors out then instead of waiting)."""
+    for _ in range(50):
+        waited = subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(path)],
+                                capture_output=True, text=True)
+        if waited.returncode == 0 or "accessor error" not in waited.stderr:
+            break
+        time.sleep(0.2)
+    waited.check_returncode()
 
 
 def ensure_namespace(api: client.ApiClient, name: str) -> None:

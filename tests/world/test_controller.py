@@ -29,6 +29,7 @@ from libvirt_operator.api import meta
 from libvirt_operator.controller import schedule_status, vm_scheduling
 from libvirt_operator.kube import client as kube_client
 from libvirt_operator.kube import leases, resources
+from localenv.cluster import wait_established
 from localenv.controlplane import ControlPlane, expected_bin_dir, require_binaries
 from localenv.kubenodes import register_node
 
@@ -130,7 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w = World(cp, api, Controller(cp.kubeconfig, tmp / "controller.log"), LeaseRenewer())
         renewer, controller = w.renewer, w.controller
         w.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        w.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
+        wait_established([str(w.cp.bin_dir / "kubectl"), "--kubeconfig", str(w.cp.kubeconfig)], REPO / "crds")
         client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
         controller.start()
         yield w

@@ -17,6 +17,7 @@ from kubernetes import client
 from libvirt_operator.api import meta
 from libvirt_operator.kube import client as kube_client
 from libvirt_operator.kube import resources
+from localenv.cluster import wait_established
 from localenv.controlplane import ControlPlane, expected_bin_dir, require_binaries
 
 from .test_controller import OPERATOR_NS, Controller
@@ -45,13 +46,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.CustomObjec
     try:
         for f in _crd_files(tmp):
             subprocess.run([*kubectl, "apply", "--server-side", "-f", str(f)], check=True, capture_output=True)
-            for _ in range(50):  # kubectl wait errors out while the new CRD has no status.conditions yet
-                waited = subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "-f",
-                                         str(f)], capture_output=True, text=True)
-                if waited.returncode == 0 or "accessor error" not in waited.stderr:
-                    break
-                time.sleep(0.2)
-            waited.check_returncode()
+            wait_established(kubectl, f)
         client.CoreV1Api(api_client).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NS)))
         controller.start()
