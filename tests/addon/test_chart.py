@@ -101,7 +101,7 @@ def test_chart_speaks_the_operators_names(tmp_path):
     agent = ds["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"] for e in agent["env"]} == {"NODE_NAME", "LIBVIRT_URI", "LVO_NAMESPACE", "LVO_STORAGE_ROOTS",
                                                  "LVO_CONSOLE_LOG_DIR", "LVO_METRICS_PORT", "LVO_HEALTH_PORT",
-                                                 "HOST_IP", "LVO_MIGRATION_URI", "LVO_MIGRATION_ADDRESS"}
+                                                 "LVO_MIGRATION_URI"}
     controller = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     scripts = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["scripts"]
     for container in (agent, controller):
