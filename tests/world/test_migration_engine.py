@@ -7,8 +7,6 @@ run in file order with one travelling guest; each proves the same boot goes on w
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -17,15 +15,11 @@ import pytest
 
 from libvirt_operator.agent.migrations import live, precheck
 from libvirt_operator.agent.migrations.context import MigrationContext, MigrationFailed
-from libvirt_operator.api.virtualmachine import VirtualMachineSpec
-from libvirt_operator.domain import render_domain
-from libvirt_operator.storage import images
 from libvirt_operator.storage.references import References
-from localenv.guest import qemu_pid, wait_for_marker
+from localenv.guest import qemu_pid
 
 from .hypervisor_support import run
 from .test_migration_hv import (
-    BOOT_TIMEOUT,
     DATA_SECTORS,
     MIGRATION_TIMEOUT,
     ROOT_SECTORS,
@@ -33,6 +27,7 @@ from .test_migration_hv import (
     World,
     disk_paths,
     qemu_img_chain,
+    travelling_guest,
 )
 
 pytestmark = pytest.mark.world
@@ -100,36 +95,8 @@ def world(libvirt_nodes, storage_dir):
 
 @pytest.fixture(scope="module")
 def spec_and_vm(world, guest_image):
-    name = f"eng-{uuid.uuid4().hex[:6]}"
-    parent, leaf = world.shared / f"{name}-root-parent.raw", world.shared / f"{name}-root.qcow2"
-    data = world.shared / f"{name}-data.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(parent), "64M"], check=True)
-    images.create_overlay(str(leaf), str(parent), "raw", roots=world.roots)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "32M"], check=True)
-    spec = {"cpu": {"vcpus": 1}, "memory": {"size": "192Mi"},
-            "boot": {"kernel": {"kernel": str(guest_image.kernel), "initrd": str(guest_image.initrd),
-                                "cmdline": guest_image.cmdline}},
-            "disks": [{"name": "root", "path": str(leaf)}, {"name": "data", "path": str(data)}]}
-    console_log = world.shared / f"{name}.console.log"
-    rendered = render_domain(VirtualMachineSpec.model_validate(spec), name=name, uuid=str(uuid.uuid4()),
-                             namespace="test", vm_name=name, generation=1, domain_type="qemu",
-                             console_log=str(console_log))
-    guest = run(world.hosts["node-a"].define(rendered.to_xml()))
-    v = VM(world, "node-a", guest, console_log, guest_image.ready_marker)
-    v.name, v.root_leaf, v.root_parent, v.data_file = name, str(leaf), str(parent), str(data)
-    v.image_dir = str(Path(guest_image.kernel).parent)
-    try:
-        run(guest.start())
-        wait_for_marker(console_log, guest_image.ready_marker, BOOT_TIMEOUT)
-        v.wait_agent()
-        yield spec, v
-    finally:
-        for conn in world.proof.values():
-            with contextlib.suppress(libvirt.libvirtError):
-                dom = conn.lookupByUUIDString(v.uuid)
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
+    with travelling_guest(world, guest_image, "eng") as pair:
+        yield pair
 
 
 def shared_of(world: World, v: VM) -> tuple[str, ...]:

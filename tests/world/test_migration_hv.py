@@ -217,10 +217,12 @@ def world(libvirt_nodes, storage_dir):
     print("\nmigration facts:", json.dumps(FACTS, indent=2, default=str))
 
 
-@pytest.fixture(scope="module")
-def vm(world, guest_image):
-    """The guest on node-a: vda a qcow2 leaf over a sparse raw parent, vdb a plain qcow2, both in shared storage."""
-    name = f"mig-{uuid.uuid4().hex[:6]}"
+@contextlib.contextmanager
+def travelling_guest(world: World, guest_image, prefix: str):
+    """The test guest defined and booted on node-a, yielding (spec, VM): vda a qcow2 leaf over a sparse raw
+    parent (PARENT-BYTES at PARENT_SECTOR), vdb a plain qcow2, both in shared storage. Removed from every
+    node afterwards. The VM carries name, root_leaf, root_parent, data_file and image_dir."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     parent, leaf = world.shared / f"{name}-root-parent.raw", world.shared / f"{name}-root.qcow2"
     data = world.shared / f"{name}-data.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(parent), "64M"], check=True)
@@ -240,14 +242,15 @@ def vm(world, guest_image):
     rendered = render_domain(VirtualMachineSpec.model_validate(spec), name=name, uuid=str(uuid.uuid4()),
                              namespace="test", vm_name=name, generation=1, domain_type="qemu",
                              console_log=str(console_log))
-    host = world.hosts["node-a"]
-    guest = run(host.define(rendered.to_xml()))
+    guest = run(world.hosts["node-a"].define(rendered.to_xml()))
     v = VM(world, "node-a", guest, console_log, guest_image.ready_marker)
+    v.name, v.root_leaf, v.root_parent, v.data_file = name, str(leaf), str(parent), str(data)
+    v.image_dir = str(Path(guest_image.kernel).parent)
     try:
         run(guest.start())
         wait_for_marker(console_log, guest_image.ready_marker, BOOT_TIMEOUT)
         v.wait_agent()
-        yield v
+        yield spec, v
     finally:
         for conn in world.proof.values():
             with contextlib.suppress(libvirt.libvirtError):
@@ -255,6 +258,12 @@ def vm(world, guest_image):
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()
+
+
+@pytest.fixture(scope="module")
+def vm(world, guest_image):
+    with travelling_guest(world, guest_image, "mig") as (_, v):
+        yield v
 
 
 async def migrate_sampling(guest, dest_uri: str, options: MigrationOptions, interval: float = 0.3):
