@@ -369,14 +369,21 @@ def waits_for_source(vm: Mapping, migration: Mapping | None) -> bool:
             and migration is not None and not source_done(migration))
 
 
-def handover(vm: Mapping, migration: Mapping | None, source_alive: bool = True) -> HandOver:
+def handover(vm: Mapping, migration: Mapping | None, source_alive: bool = True,
+             retiring: bool = False) -> HandOver:
     """The next hand-over step for a VM, from its status.migration (and its VMMigration, if it still
-    exists and is the one status.migration names). One kind of step at a time: the caller does it,
-    reads the VM again and asks again.
+    exists and is the one status.migration names). One kind of step at a time: the caller does it and
+    asks again on what the write returned.
+
+    The flip; the source's retire (what only the source agent said goes, not to be shown as the
+    target's meanwhile); HandingOver while the target adopts; Succeeded. Succeeded comes before a retire
+    still pending once it is due (the adoption landed while the retire was not done yet).
 
     Succeeded waits for the source agent's last status write (`source_done`) while that agent lives
     (`source_alive`): the agent applies its whole status by force, and a write of it after Succeeded
-    would take the phase back."""
+    would take the phase back.
+
+    `retiring`: the retire runs already (beside the other steps, which write the VMMigration only)."""
     fact = (vm.get("status") or {}).get("migration") or {}
     state, source, target = fact.get("state"), fact.get("sourceNode"), fact.get("targetNode")
     if state not in ("Landed", "Succeeded") or not source or not target:
@@ -388,19 +395,17 @@ def handover(vm: Mapping, migration: Mapping | None, source_alive: bool = True) 
             return HandOver(flip_to=target)
         if label != target:
             return HandOver()  # on neither node of this migration: a later placement; nothing of ours
-        if owns_status(vm, retired_managers(source)):
-            return HandOver(retire=source, keep_as=target if state == "Landed" else None)
     mig_status = (migration or {}).get("status") or {}
-    if (migration is None or (migration.get("metadata") or {}).get("uid") != fact.get("uid")
-            or mig_status.get("phase") in TERMINAL_PHASES):
-        return HandOver()
-    if state == "Succeeded":
-        if moving and source_alive and not source_done(migration):
-            return HandOver()  # the source's last write comes first (its VMMigration event brings us back)
+    ours = (migration is not None and (migration.get("metadata") or {}).get("uid") == fact.get("uid")
+            and mig_status.get("phase") not in TERMINAL_PHASES)
+    # Succeeded as soon as it is due, even before a retire still pending (that one follows)
+    if ours and state == "Succeeded" and not (moving and source_alive and not source_done(migration)):
         return HandOver(phase="Succeeded")
-    if moving and mig_status.get("phase") != "HandingOver":
+    if moving and not retiring and owns_status(vm, retired_managers(source)):
+        return HandOver(retire=source, keep_as=target)
+    if ours and moving and state == "Landed" and mig_status.get("phase") != "HandingOver":
         return HandOver(phase="HandingOver")
-    return HandOver()
+    return HandOver()  # the target's adoption, or the source's last write, comes first (their events bring us back)
 
 
 def vm_needs_handover(vm: Mapping, migration_phase: str | None) -> bool:

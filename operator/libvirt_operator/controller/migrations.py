@@ -48,6 +48,35 @@ class Key:
     name: str
 
 
+class Seen:
+    """The newest copy known of the objects a decision is pending on: from the watch, or what a write
+    returned. The first read of a decision is this copy, not a GET: every write is conditional on its
+    resourceVersion, so a stale copy costs a 409 and a fresh read, never a wrong write."""
+
+    def __init__(self) -> None:
+        self._objs: dict[tuple[str, str, str], Mapping] = {}
+
+    def put(self, plural: str, obj: Mapping) -> None:
+        md = obj["metadata"]
+        key = (plural, md["namespace"], md["name"])
+        old = self._objs.get(key)
+        if old is None or _newer(md.get("resourceVersion"), old["metadata"].get("resourceVersion")):
+            self._objs[key] = obj
+
+    def get(self, plural: str, namespace: str, name: str) -> dict | None:
+        obj = self._objs.get((plural, namespace, name))
+        return dict(obj) if obj is not None else None
+
+    def drop(self, plural: str, namespace: str, name: str) -> None:
+        self._objs.pop((plural, namespace, name), None)
+
+
+def _newer(rv: str | None, than: str | None) -> bool:
+    if rv and than and rv.isdigit() and than.isdigit():  # etcd's revisions (opaque to clients, else)
+        return int(rv) >= int(than)
+    return True
+
+
 class Conflict(Exception):
     """A conditional write kept conflicting: the key is tried again later."""
 
@@ -68,6 +97,8 @@ class Migrations:
         self._queued: dict[str, tuple[str, str, str]] = {}  # uid -> (created, namespace, name)
         self._vm_of: dict[str, tuple[str, str]] = {}  # VMMigration uid -> the VM whose status.migration names it
         self._keys: dict[Key, None] = {}
+        self.seen = Seen()  # VMMigrations not finished, VMs whose hand-over is pending
+        self._retiring: dict[tuple[str, str], asyncio.Task] = {}  # VMs whose source retire runs beside the worker
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Future] = set()
@@ -85,6 +116,10 @@ class Migrations:
         self._start()  # the timer too: a queued VMMigration listed at startup has nothing else to wake it
         md = obj["metadata"]
         uid = md["uid"]
+        if event_type == "DELETED" or (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
+            self.seen.drop(resources.MIGRATIONS, md["namespace"], md["name"])
+        else:
+            self.seen.put(resources.MIGRATIONS, obj)
         if event_type == "DELETED":
             was = self.phases.pop(uid, None)
             self._names.pop(uid, None)
@@ -121,6 +156,7 @@ class Migrations:
         if fact.get("uid"):
             self._vm_of[fact["uid"]] = (md["namespace"], md["name"])
         if plan.vm_needs_handover(vm, self.phases.get(fact.get("uid") or "")):
+            self.seen.put(resources.VMS, vm)
             self._enqueue(Key("vm", md["namespace"], md["name"]))
 
     # -- the worker
@@ -171,7 +207,7 @@ class Migrations:
                     self._enqueue(Key("migration", *self._names[uid]))
 
     def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._retiring.values()]:
             task.cancel()
 
     async def process(self, key: Key) -> None:
@@ -183,8 +219,9 @@ class Migrations:
     # -- a VMMigration
 
     async def reconcile(self, namespace: str, name: str, depth: int = 0) -> None:
-        for _ in range(ATTEMPTS):
-            obj = await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace, name)
+        for attempt in range(ATTEMPTS):
+            obj = self.seen.get(resources.MIGRATIONS, namespace, name) if attempt == 0 else None
+            obj = obj or await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
             try:
@@ -205,22 +242,24 @@ class Migrations:
     async def _validate(self, obj: dict, depth: int = 0) -> None:
         md, spec = obj["metadata"], obj["spec"]
         ns = md["namespace"]
-        vm = await asyncio.to_thread(resources.get, resources.VMS, ns, spec["vmName"])
-        snapshots: list[dict] = []
+        moving = (spec.get("type") or "Live") in plan.MOVING_TYPES
+        # the reads side by side (one round trip's time, not four)
+        vm, listed, snapshots, snap = await asyncio.gather(
+            asyncio.to_thread(resources.get, resources.VMS, ns, spec["vmName"]),
+            asyncio.to_thread(resources.list_all, resources.MIGRATIONS),
+            asyncio.to_thread(_snapshots, ns),
+            asyncio.to_thread(cluster.read, spec.get("targetNode"), self.operator_namespace) if moving
+            else _nothing(cluster.Snapshot([], set())))
         migrations: list[plan.MigrationRef] = []
-        snap = cluster.Snapshot([], set())
         view: placement.View = placement.ListView([])
         if vm is not None:
-            migrations = [plan.migration_ref(m) for m in await asyncio.to_thread(
-                resources.list_all, resources.MIGRATIONS)]
+            migrations = [plan.migration_ref(m) for m in listed]
             elders = plan.undecided_elders(obj, migrations)
             if elders and depth < ATTEMPTS:  # the older one wins: decide it first, then this one afresh
                 for elder in elders:
                     await self.reconcile(elder.namespace, elder.name, depth + 1)
                 raise _ReadAgain
-            snapshots = await asyncio.to_thread(_snapshots, ns)
-            if (spec.get("type") or "Live") in plan.MOVING_TYPES:
-                snap = await asyncio.to_thread(cluster.read, spec.get("targetNode"), self.operator_namespace)
+            if moving:
                 view = await self._view()
         verdict = plan.validate(obj, vm, snapshots, migrations, snap.nodes, snap.alive, view, self.limits)
         rv = md["resourceVersion"]
@@ -317,86 +356,123 @@ class Migrations:
 
     async def _apply(self, obj: Mapping, status: dict, resource_version: str) -> dict:
         md = obj["metadata"]
-        return await asyncio.to_thread(resources.apply_status, resources.MIGRATIONS, md["namespace"], md["name"],
-                                       status, MANAGER, True, resource_version)
+        out = await asyncio.to_thread(resources.apply_status, resources.MIGRATIONS, md["namespace"], md["name"],
+                                      status, MANAGER, True, resource_version)
+        if (out.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+            self.seen.put(resources.MIGRATIONS, out)
+        return out
 
     # -- a VM's hand-over
 
     async def hand_over(self, namespace: str, name: str) -> None:
-        """Take the hand-over of a VM as far as its status allows, one step at a time, each on a fresh read."""
+        """Take the hand-over of a VM as far as its status allows, one step at a time: each decided on the
+        objects the previous step's write returned (a fresh read only at the start and after a conflict)."""
+        vm = migration = None
+        fresh, first = True, True
         for _ in range(HANDOVER_STEPS):
-            vm = await asyncio.to_thread(resources.get, resources.VMS, namespace, name)
+            if fresh:
+                vm, migration = await self._read_handover(namespace, name, first)
+                fresh, first = False, False
             fact = ((vm or {}).get("status") or {}).get("migration") or {}
             if not fact:
+                self.seen.drop(resources.VMS, namespace, name)
                 return
-            migration = None
-            if fact.get("name"):
-                migration = await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace, fact["name"])
-                if migration is not None and migration["metadata"]["uid"] != fact.get("uid"):
-                    migration = None
             alive = True
             if plan.waits_for_source(vm, migration):
                 alive = fact.get("sourceNode") in await asyncio.to_thread(leases.alive_nodes, self.operator_namespace)
-            step = plan.handover(vm, migration, alive)
+            step = plan.handover(vm, migration, alive, retiring=(namespace, name) in self._retiring)
             if not step:
+                self.seen.drop(resources.VMS, namespace, name)
                 return
             try:
-                if not await self._hand_over_step(vm, fact, migration, step):
-                    return
+                vm, migration = await self._hand_over_step(vm, fact, migration, step)
             except ApiException as exc:
                 if exc.status == 404:
                     return
                 if exc.status != 409:
                     raise
+                fresh = True
         raise Conflict("the hand-over did not settle")
 
-    async def _hand_over_step(self, vm: dict, fact: dict, migration: dict | None, step: plan.HandOver) -> bool:
-        """One step; False when the hand-over is done."""
+    async def _read_handover(self, namespace: str, name: str, known: bool) -> tuple[dict | None, dict | None]:
+        """The VM and the VMMigration its status.migration names (None unless it is that very one);
+        `known`: the newest copies seen, where there are, else (and after a conflict) a GET."""
+        vm = self.seen.get(resources.VMS, namespace, name) if known else None
+        vm = vm or await asyncio.to_thread(resources.get, resources.VMS, namespace, name)
+        fact = ((vm or {}).get("status") or {}).get("migration") or {}
+        migration = None
+        if fact.get("name"):
+            migration = self.seen.get(resources.MIGRATIONS, namespace, fact["name"]) if known else None
+            migration = migration or await asyncio.to_thread(resources.get, resources.MIGRATIONS, namespace,
+                                                             fact["name"])
+            if migration is not None and migration["metadata"]["uid"] != fact.get("uid"):
+                migration = None
+        return vm, migration
+
+    async def _hand_over_step(self, vm: dict, fact: dict, migration: dict | None,
+                              step: plan.HandOver) -> tuple[dict, dict | None]:
+        """One step; the VM and the VMMigration as it left them."""
         md = vm["metadata"]
         ns, name, rv = md["namespace"], md["name"], md["resourceVersion"]
         if step.flip_to:
-            await asyncio.to_thread(cluster.label_node, ns, name, step.flip_to, rv)
+            vm = await asyncio.to_thread(cluster.label_node, ns, name, step.flip_to, rv)
             log.info("VM %s/%s landed on node %s (VMMigration %s): node label moved from %s", ns, name,
                      step.flip_to, fact.get("name"), fact.get("sourceNode"))
-            return True
-        if step.retire:
-            if step.keep_as:
-                # What must outlive the source's managers (status.phase: the domain runs, on the target now):
-                # the target's co-own it first, with the very value read (not forced, and conditional on the
-                # version read: never over a newer write).
-                for field, value, manager in plan.kept_fields(vm, step.retire, step.keep_as):
-                    rv = (await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {field: value},
-                                                  manager, False, rv))["metadata"]["resourceVersion"]
-            await asyncio.gather(*(asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
-                                   for manager in plan.retired_managers(step.retire)))
-            log.info("VM %s/%s: the status field managers of node %s's agent retired", ns, name, step.retire)
-            return True
+            return vm, migration
+        if step.retire:  # beside the worker: the VMMigration's steps (Succeeded) never wait for it
+            task = asyncio.create_task(self._retire(vm, step.retire, step.keep_as or fact["targetNode"]))
+            self._retiring[(ns, name)] = task
+            return vm, migration
         if step.phase == "HandingOver":
-            await self._apply(migration, plan.handing_over_status(migration),
-                              migration["metadata"]["resourceVersion"])
+            migration = await self._apply(migration, plan.handing_over_status(migration),
+                                          migration["metadata"]["resourceVersion"])
             self.phases[migration["metadata"]["uid"]] = "HandingOver"
             log.info("VMMigration %s/%s: HandingOver (the agent of node %s takes the VM over)", ns,
                      migration["metadata"]["name"], fact.get("targetNode"))
-            return True
-        if step.phase == "Succeeded":
-            again = bool((migration.get("status") or {}).get("completionTime"))  # recorded before: no new Events
-            done = await self._apply(migration, plan.succeeded_status(migration, plan.now_utc()),
-                                     migration["metadata"]["resourceVersion"])
-            self.phases[migration["metadata"]["uid"]] = "Succeeded"
-            status = done.get("status") or {}
-            kind = migration["spec"].get("type") or "Live"
-            ms = status.get("durationMilliseconds")
-            self._kick()
-            if again:
-                log.info("VMMigration %s/%s: Succeeded again", ns, migration["metadata"]["name"])
-                return False
-            metrics.migration_finished(kind, "Succeeded", ms / 1000 if isinstance(ms, int) else None)
-            message = plan.migrated_message(done, ms)
-            log.info("VMMigration %s/%s succeeded: %s", ns, migration["metadata"]["name"], message)
-            self._post(done, "Migrated", message)
-            self._post(vm, "Migrated", f"VMMigration {migration['metadata']['name']}: {message}")
-            return False
-        return False
+            return vm, migration
+        # Succeeded
+        again = bool((migration.get("status") or {}).get("completionTime"))  # recorded before: no new Events
+        done = await self._apply(migration, plan.succeeded_status(migration, plan.now_utc()),
+                                 migration["metadata"]["resourceVersion"])
+        self.phases[migration["metadata"]["uid"]] = "Succeeded"
+        status = done.get("status") or {}
+        kind = migration["spec"].get("type") or "Live"
+        ms = status.get("durationMilliseconds")
+        self._kick()
+        if again:
+            log.info("VMMigration %s/%s: Succeeded again", ns, migration["metadata"]["name"])
+            return vm, done
+        metrics.migration_finished(kind, "Succeeded", ms / 1000 if isinstance(ms, int) else None)
+        message = plan.migrated_message(done, ms)
+        log.info("VMMigration %s/%s succeeded: %s", ns, migration["metadata"]["name"], message)
+        self._post(done, "Migrated", message)
+        self._post(vm, "Migrated", f"VMMigration {migration['metadata']['name']}: {message}")
+        return vm, done
+
+    async def _retire(self, vm: dict, source: str, target: str) -> None:
+        """The source agent's status field managers go. What must outlive them (status.phase: the domain
+        runs, on the target now) the target's co-own first, with the very value read (not forced, and
+        conditional on the version read: never over a newer write). Then the hand-over is looked at again."""
+        md = vm["metadata"]
+        ns, name = md["namespace"], md["name"]
+        try:
+            for field, value, manager in plan.kept_fields(vm, source, target):
+                vm = await asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {field: value},
+                                             manager, False, vm["metadata"]["resourceVersion"])
+            retired = await asyncio.gather(*(
+                asyncio.to_thread(resources.apply_status, resources.VMS, ns, name, {}, manager)
+                for manager in plan.retired_managers(source)))
+            for out in retired:
+                self.seen.put(resources.VMS, out)
+            log.info("VM %s/%s: the status field managers of node %s's agent retired", ns, name, source)
+        except ApiException as exc:  # a newer write (409) or the VM gone (404): the hand-over decides again
+            self.seen.drop(resources.VMS, ns, name)  # on a fresh read
+            log.info("VM %s/%s: retiring node %s's status managers: API %s; again", ns, name, source, exc.status)
+        except Exception:
+            log.exception("VM %s/%s: retiring node %s's status managers failed", ns, name, source)
+        finally:
+            self._retiring.pop((ns, name), None)
+            self._enqueue(Key("vm", ns, name))
 
     # -- Events
 
@@ -410,6 +486,10 @@ class Migrations:
             events.post, about, reason, message, warning=warning, component=meta.CONTROLLER_MANAGER))
         self._background.add(future)
         future.add_done_callback(self._background.discard)
+
+
+async def _nothing(value):
+    return value
 
 
 def _snapshots(namespace: str) -> list[dict]:
