@@ -241,8 +241,9 @@ async def _migrate(ctx: MigrationContext, target: dict, chains: dict[str, Chain]
     dog = Watchdog(time.monotonic(), completion_timeout(spec.get("completionTimeoutPerGiB", 150), memory, copied),
                    float(spec.get("progressTimeoutSeconds", 150)))
     await guest.set_max_speed(spec.get("bandwidthMibPerSecond") or 0)
-    await ctx.write_vm("Migrating", f"to node {target['node']}")
-    await ctx.write({"step": "Migrating", "startTime": ctx.status.get("startTime") or utcnow()})
+    # both facts before the call, side by side (a restart after either one alone recovers: see run)
+    await asyncio.gather(ctx.write_vm("Migrating", f"to node {target['node']}"),
+                         ctx.write({"step": "Migrating", "startTime": ctx.status.get("startTime") or utcnow()}))
     call = asyncio.ensure_future(guest.migrate(target["migrationUri"], opts))
     stop: str | None = None  # why we cancelled it: MigrationAborted, MigrationTimedOut, NoProgress
     postcopy = False
