@@ -31,6 +31,11 @@ the libvirt events of its domain, so that the overhead can be explained. Target:
 (overhead <= 10 %), at p50 and at p95 (reported, never asserted). Writes bench/results/migration.json.
 
     .venv/bin/python bench/migration.py [--repeat 5] [--warmup 1] [--only live,storage] [--data-mib 64] [--logs DIR]
+                                        [--memory 192Mi] [--fill-mib 0]
+
+--memory and --fill-mib give both guests more memory and fill part of it with random bytes in a tmpfs: a guest in
+use, whose migration carries that memory, where the default one is idle (its migration is about the fixed cost of
+starting the target's QEMU).
 """
 
 from __future__ import annotations
@@ -97,8 +102,8 @@ def make_disks(images: Path, prefix: str, count: int, data_mib: int) -> dict:
     return {"root": str(root), "data": data}
 
 
-def spec_for(image, files: dict) -> dict:
-    s = b.kernel_spec(image, memory="192Mi")
+def spec_for(image, files: dict, memory: str = "192Mi") -> dict:
+    s = b.kernel_spec(image, memory=memory)
     s["disks"] = [{"name": "root", "path": files["root"], "format": "qcow2"},
                   *({"name": d["name"], "path": d["leaf"], "format": "qcow2"} for d in files["data"])]
     return s
@@ -359,12 +364,25 @@ class Operator:
 
 # -- the run ---------------------------------------------------------------------------------------
 
+def fill(dom: libvirt.virDomain, mib: int) -> None:
+    """`mib` MiB of random bytes in a tmpfs of the guest (pages a migration must copy, none of them zero)."""
+    from localenv.guest import guest_sh
+    guest_sh(dom, f"mkdir -p /run/fill && mount -t tmpfs -o size={mib + 8}m fill /run/fill && "
+             f"dd if=/dev/urandom of=/run/fill/bytes bs=1M count={mib} 2>/dev/null && "
+             "grep -E 'MemTotal|MemFree|Shmem:' /proc/meminfo", timeout=600)
+    print(f"{dom.name()}: {mib} MiB of random bytes in a tmpfs", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted (each side)")
     ap.add_argument("--only", default="live,storage", help="comma-separated: live, storage")
     ap.add_argument("--data-mib", type=int, default=64, help="MiB written in the data disk's parent and in its leaf")
+    ap.add_argument("--memory", default="192Mi", help="the guests' memory")
+    ap.add_argument("--fill-mib", type=int, default=0,
+                    help="MiB of random bytes each guest keeps in a tmpfs before the rounds (memory a migration "
+                    "must carry: a guest in use, not an idle one)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each measured operation")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one operator migration may take")
     ap.add_argument("--out", default="migration", help="results/<out>.json")
@@ -392,14 +410,17 @@ def main() -> None:
             raw_files = make_disks(images, "raw", disks, args.data_mib)
             op_files = make_disks(images, "op", disks, args.data_mib)
             raw_console = console / f"{RAW}.console.log"
-            xml = render_domain(VirtualMachineSpec.model_validate(spec_for(image, raw_files)), name=RAW,
+            xml = render_domain(VirtualMachineSpec.model_validate(spec_for(image, raw_files, args.memory)), name=RAW,
                                 uuid=str(uuid.uuid4()), namespace="bench", vm_name="raw", generation=1,
                                 domain_type="qemu", console_log=str(raw_console)).to_xml()
             raw = Raw(nodes, events, xml, raw_files)
             opr = Operator(w.api, events, args.timeout)
-            opr.start(spec_for(image, op_files), op_files)
+            opr.start(spec_for(image, op_files, args.memory), op_files)
             wait_for_marker(raw_console, image.ready_marker, 300)
             wait_for_marker(console / f"{b.NS}_{VM}.console.log", image.ready_marker, 300)
+            if args.fill_mib:
+                for dom in (raw.dom(), raw.conns[opr.node].lookupByUUIDString(opr.uid)):
+                    fill(dom, args.fill_mib)
             for kind in kinds:
                 for i in range(1, args.warmup + args.repeat + 1):
                     counted = i > args.warmup
@@ -456,7 +477,8 @@ def _median_phases(rounds: list[dict]) -> dict:
 
 
 def report(results: dict, phases: dict, errors: dict, load: dict, args, vm_after: dict) -> None:
-    data = {"repeat": args.repeat, "warmup": args.warmup, "data_mib": args.data_mib, "settle_s": args.settle,
+    data = {"repeat": args.repeat, "warmup": args.warmup, "data_mib": args.data_mib, "memory": args.memory,
+            "fill_mib": args.fill_mib, "settle_s": args.settle,
             "target": f"operator / raw <= {TARGET_RATIO} at p50 and p95", "load": load, "ops": {}, "errors": errors,
             "phases_s": phases, "vm_conditions_after_storage": vm_after}
     ok = not errors

@@ -29,11 +29,11 @@ ignore=()
 for f in "${MEASURING[@]}"; do ignore+=("--ignore=$f"); done
 
 shard_a() {
-  pytest -p no:cacheprovider "${ignore[@]}" tests/unit tests/e2e
+  pytest -p no:cacheprovider --durations=25 "${ignore[@]}" tests/unit tests/e2e
 }
 shard_b() {
   local rc=0
-  pytest -p no:cacheprovider "${ignore[@]}" tests/world tests/addon || rc=$?
+  pytest -p no:cacheprovider --durations=25 "${ignore[@]}" tests/world tests/addon || rc=$?
   # The kubelet lane (the chart's Pods on a real kubelet node): its own Debian packages, kubelet
   # and the images (all cached), then its tests.
   log "kubelet lane: packages"
@@ -60,6 +60,6 @@ log "shards done in $((SECONDS - start)) s: A exit $rc_a, B exit $rc_b"
 
 log "pytest, alone: the tests that measure rates and shares"
 rc_m=0
-pytest -p no:cacheprovider "${MEASURING[@]}" || rc_m=$?
+pytest -p no:cacheprovider --durations=15 "${MEASURING[@]}" || rc_m=$?
 log "exit codes: A $rc_a, B $rc_b, measuring $rc_m; total $((SECONDS - start)) s"
 ((rc_a == 0 && rc_b == 0 && rc_m == 0))
