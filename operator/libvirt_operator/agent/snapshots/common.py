@@ -169,9 +169,13 @@ async def node_files_in_use(host: Host, roots: tuple[str, ...] = ()) -> set[str]
     used: set[str] = set()
     for guest in await host.domains():
         with contextlib.suppress(HypervisorError):
-            for xml in {await guest.xml(), await guest.xml(inactive=True)}:
+            live = await guest.xml()
+            inactive = await guest.xml(inactive=True)
+            # the live XML first: it lists whole chains; a file already found there is not read again
+            for xml in (live,) if inactive == live else (live, inactive):
                 for chain in _chains(xml):
-                    used.update((await _expand(chain, roots)).paths)
+                    if chain.active.path not in used:
+                        used.update((await _expand(chain, roots)).paths)
     return used
 
 
