@@ -150,9 +150,12 @@ class Migrations:
 
     def on_vm_event(self, event_type: str | None, vm: Mapping) -> None:
         fact = (vm.get("status") or {}).get("migration")
-        if event_type == "DELETED" or not fact or fact.get("state") not in ("Landed", "Succeeded"):
-            return
         md = vm["metadata"]
+        if event_type == "DELETED":
+            self.seen.drop(resources.VMS, md["namespace"], md["name"])
+            return
+        if not fact or fact.get("state") not in ("Landed", "Succeeded"):
+            return
         if fact.get("uid"):
             self._vm_of[fact["uid"]] = (md["namespace"], md["name"])
         if plan.vm_needs_handover(vm, self.phases.get(fact.get("uid") or "")):
@@ -249,7 +252,7 @@ class Migrations:
             asyncio.to_thread(resources.list_all, resources.MIGRATIONS),
             asyncio.to_thread(_snapshots, ns),
             asyncio.to_thread(cluster.read, spec.get("targetNode"), self.operator_namespace) if moving
-            else _nothing(cluster.Snapshot([], set())))
+            else asyncio.sleep(0, cluster.Snapshot([], set())))
         migrations: list[plan.MigrationRef] = []
         view: placement.View = placement.ListView([])
         if vm is not None:
@@ -388,6 +391,7 @@ class Migrations:
                 vm, migration = await self._hand_over_step(vm, fact, migration, step)
             except ApiException as exc:
                 if exc.status == 404:
+                    self.seen.drop(resources.VMS, namespace, name)
                     return
                 if exc.status != 409:
                     raise
@@ -420,7 +424,7 @@ class Migrations:
                      step.flip_to, fact.get("name"), fact.get("sourceNode"))
             return vm, migration
         if step.retire:  # beside the worker: the VMMigration's steps (Succeeded) never wait for it
-            task = asyncio.create_task(self._retire(vm, step.retire, step.keep_as or fact["targetNode"]))
+            task = asyncio.create_task(self._retire(vm, step.retire, step.keep_as))
             self._retiring[(ns, name)] = task
             return vm, migration
         if step.phase == "HandingOver":
@@ -468,11 +472,14 @@ class Migrations:
         except ApiException as exc:  # a newer write (409) or the VM gone (404): the hand-over decides again
             self.seen.drop(resources.VMS, ns, name)  # on a fresh read
             log.info("VM %s/%s: retiring node %s's status managers: API %s; again", ns, name, source, exc.status)
-        except Exception:
-            log.exception("VM %s/%s: retiring node %s's status managers failed", ns, name, source)
-        finally:
+        except Exception:  # as the worker does: again later, not in a tight loop
+            log.exception("VM %s/%s: retiring node %s's status managers failed; again in %ss", ns, name, source,
+                          self.retry_seconds)
             self._retiring.pop((ns, name), None)
-            self._enqueue(Key("vm", ns, name))
+            asyncio.get_running_loop().call_later(self.retry_seconds, self._enqueue, Key("vm", ns, name))
+            return
+        self._retiring.pop((ns, name), None)
+        self._enqueue(Key("vm", ns, name))
 
     # -- Events
 
@@ -486,10 +493,6 @@ class Migrations:
             events.post, about, reason, message, warning=warning, component=meta.CONTROLLER_MANAGER))
         self._background.add(future)
         future.add_done_callback(self._background.discard)
-
-
-async def _nothing(value):
-    return value
 
 
 def _snapshots(namespace: str) -> list[dict]:
