@@ -82,7 +82,8 @@ class Reconciler:
             outcome.result = "gone"
             return None
         try:
-            again = await self._reconcile(obj)
+            with self.jobs.pass_of(obj["metadata"]["uid"]):  # a job started meanwhile waits for this pass
+                again = await self._reconcile(obj)
             self._failures.pop(key, None)
             return again
         except HypervisorError as exc:
