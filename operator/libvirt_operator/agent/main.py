@@ -23,7 +23,7 @@ from libvirt_operator.hypervisor import tuning
 from libvirt_operator.hypervisor.events import ConnectionEvent, DomainEvent
 from libvirt_operator.hypervisor.host import Host
 from libvirt_operator.kube import client as kube_client
-from libvirt_operator.kube import events
+from libvirt_operator.kube import events, resources
 from libvirt_operator.metrics import agent as metrics
 
 log = logging.getLogger("libvirt_operator.agent")
@@ -66,6 +66,7 @@ class Agent:
                      caps.network_mechanism or "unavailable")
         except Exception:
             log.exception("probing the node's QoS capabilities failed; QoS is reported HostUnsupported")
+        await self._prime()
         self.queue.start()
         self._tasks = [
             asyncio.create_task(heartbeat.run(self.cfg.namespace, self.cfg.node_name,
@@ -73,6 +74,24 @@ class Agent:
             asyncio.create_task(self._resync()),
             asyncio.create_task(self._recover()),
         ]
+
+    async def _prime(self) -> None:
+        """Fills the VMSnapshot and VMMigration stores with one listing of this node's before any VM is
+        reconciled: the watches start apart, and a VM's teardown must not judge a file unreferenced
+        before the snapshots holding it are known. The watches' events follow and keep the newest
+        copies. (VMs are not primed: a job that misses its VM asks the API server, watched.vm_on_node.)"""
+        selector = f"{meta.NODE_LABEL}={self.cfg.node_name}"
+        stores = ((resources.SNAPSHOTS, self.snapshots), (resources.MIGRATIONS, self.migration_jobs.migrations))
+        for plural, store in stores:
+            while True:
+                try:
+                    items = await asyncio.to_thread(resources.list_all, plural, selector)
+                    break
+                except Exception as exc:  # the API server starting (429) or away: the agent waits for it
+                    log.warning("listing %s of node %s: %s; trying again", plural, self.cfg.node_name, exc)
+                    await asyncio.sleep(1.0)
+            for obj in items:
+                store.put(obj)
 
     async def stop(self) -> None:
         self.snapshot_jobs.stop()

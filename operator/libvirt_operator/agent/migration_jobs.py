@@ -13,14 +13,13 @@ import functools
 import logging
 import time
 
-from kubernetes.client.exceptions import ApiException
-
 from libvirt_operator.agent import disks
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobRunner, Running
 from libvirt_operator.agent.migrations import live, precheck, storage
 from libvirt_operator.agent.migrations.context import MigrationContext, MigrationFailed
 from libvirt_operator.agent.store import Key, VMStore, key_of
+from libvirt_operator.agent.watched import WatchedObjects
 from libvirt_operator.api import meta
 from libvirt_operator.api.base import utcnow
 from libvirt_operator.api.vmmigration import TERMINAL_PHASES
@@ -40,13 +39,14 @@ def condition(type_: str, status: str, reason: str, message: str = "") -> dict:
             "lastTransitionTime": utcnow()}
 
 
-class MigrationJobs:
+class MigrationJobs(WatchedObjects):
+    KIND = "VMMigration"
+
     def __init__(self, cfg: AgentConfig, host: Host, vms: VMStore, snapshots: VMStore, jobs: JobRunner):
+        super().__init__()
         self.cfg, self.host, self.vms, self.snapshots, self.jobs = cfg, host, vms, snapshots, jobs
-        self.migrations = VMStore()
+        self.migrations = self.objects
         self._aborts: dict[str, asyncio.Event] = {}  # VMMigration uid -> set when it is being deleted
-        self._tasks: set[asyncio.Task] = set()
-        self._retries: dict[Key, asyncio.TimerHandle] = {}
         self._running: dict[str, str] = {}  # VM uid -> the VMMigration uid its job runs
         self.target_cfg = precheck.TargetConfig(
             node=cfg.node_name, roots=tuple(map(str, cfg.storage_roots)),
@@ -86,41 +86,7 @@ class MigrationJobs:
         if self.vms.get(key_of(vm)) is not None:
             self.vms.put(updated)
 
-    # -- VMMigration events -------------------------------------------------------------------------
-
-    def on_event(self, event: dict) -> None:
-        obj = event["object"]
-        if event.get("type") == "DELETED":
-            self.migrations.remove(obj)
-            return
-        self.migrations.put(obj)
-        self._spawn(key_of(obj))
-
-    def handle_all(self) -> None:
-        for key in self.migrations.all_keys():
-            self._spawn(key)
-
-    def handle_for_vm(self, vm_key: Key) -> None:
-        for key in self.migrations.all_keys():
-            mig = self.migrations.get(key)
-            if mig is not None and key[0] == vm_key[0] and mig["spec"]["vmName"] == vm_key[1]:
-                self._spawn(key)
-
-    def _spawn(self, key: Key) -> None:
-        task = asyncio.ensure_future(self.handle(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def handle(self, key: Key) -> None:
-        try:
-            await self._handle(key)
-        except ApiException as exc:
-            if exc.status != 404:
-                log.warning("VMMigration %s/%s: API error %s: %s", *key, exc.status, exc.reason)
-                self._retry(key, 0.5 if exc.status == 409 else 5.0)
-        except Exception:
-            log.exception("VMMigration %s/%s: handling failed", *key)
-            self._retry(key, 10.0)
+    # -- VMMigration events (on_event, handle_all, handle_for_vm: WatchedObjects) ----------------------
 
     async def _handle(self, key: Key) -> None:
         mig = self.migrations.get(key)
@@ -136,6 +102,8 @@ class MigrationJobs:
         if st.get("sourceNode") != me:
             return
         vm = self.vms.get((md["namespace"], mig["spec"]["vmName"]))
+        if vm is None and (md.get("deletionTimestamp") or phase not in TERMINAL_PHASES):
+            vm = await self.vm_on_node(self.vms, me, md["namespace"], mig["spec"]["vmName"])
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None
         uid = st.get("vmUid") or (vm["metadata"]["uid"] if vm else md["uid"])
@@ -310,16 +278,6 @@ class MigrationJobs:
         if not add:
             self._aborts.pop(md["uid"], None)
         return updated
-
-    def _retry(self, key: Key, delay: float) -> None:
-        old = self._retries.pop(key, None)
-        if old:
-            old.cancel()
-        self._retries[key] = asyncio.get_running_loop().call_later(delay, lambda: self._spawn(key))
-
-    def stop(self) -> None:
-        for handle in self._retries.values():
-            handle.cancel()
 
 
 def _merge(conditions: list | None, new: dict) -> list[dict]:

@@ -11,13 +11,12 @@ import asyncio
 import functools
 import logging
 
-from kubernetes.client.exceptions import ApiException
-
 from libvirt_operator.agent import disks
 from libvirt_operator.agent.config import AgentConfig
 from libvirt_operator.agent.jobs import JobContext, JobRunner, Running
 from libvirt_operator.agent.snapshots import create, delete, revert
 from libvirt_operator.agent.store import Key, VMStore, key_of
+from libvirt_operator.agent.watched import WatchedObjects
 from libvirt_operator.api import meta
 from libvirt_operator.api.base import utcnow
 from libvirt_operator.hypervisor.host import Host
@@ -40,54 +39,18 @@ def revert_due(vm: dict) -> str | None:
     return req["id"]
 
 
-class SnapshotJobs:
+class SnapshotJobs(WatchedObjects):
+    KIND = "VMSnapshot"
+
     def __init__(self, cfg: AgentConfig, host: Host, vms: VMStore, snapshots: VMStore, jobs: JobRunner):
+        super().__init__(snapshots)
         self.cfg = cfg
         self.host = host
         self.vms = vms
-        self.snapshots = snapshots
+        self.snapshots = snapshots  # shared with the reconciler (who needs which file)
         self.jobs = jobs
-        self._retries: dict[Key, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task] = set()
-
-    def _spawn(self, key: Key) -> None:
-        task = asyncio.ensure_future(self.handle(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- snapshots -------------------------------------------------------------------------------
-
-    def on_event(self, event: dict) -> None:
-        obj = event["object"]
-        if event.get("type") == "DELETED":
-            self.snapshots.remove(obj)
-            return
-        self.snapshots.put(obj)
-        self._spawn(key_of(obj))
-
-    def handle_all(self) -> None:
-        for key in self.snapshots.all_keys():
-            self._spawn(key)
-
-    def handle_for_vm(self, vm_key: Key) -> None:
-        """After a job on the VM ends: snapshots of it may wait (deletes held, a new one refused)."""
-        for key in self.snapshots.all_keys():
-            snap = self.snapshots.get(key)
-            if snap is not None and key[0] == vm_key[0] and snap["spec"]["vmName"] == vm_key[1]:
-                self._spawn(key)
-
-    async def handle(self, key: Key) -> None:
-        try:
-            await self._handle(key)
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                log.warning("VMSnapshot %s/%s: API error %s: %s", *key, exc.status, exc.reason)
-                self._retry(key, 5.0)
-            elif exc.status == 409:
-                self._retry(key, 0.5)
-        except Exception:
-            log.exception("VMSnapshot %s/%s: handling failed", *key)
-            self._retry(key, 10.0)
 
     async def _handle(self, key: Key) -> None:
         snap = self.snapshots.get(key)
@@ -95,6 +58,8 @@ class SnapshotJobs:
             return
         md, st = snap["metadata"], snap.get("status") or {}
         vm = self.vms.get((md["namespace"], snap["spec"]["vmName"]))
+        if vm is None and (md.get("deletionTimestamp") or st.get("phase") not in ("Ready", "Failed")):
+            vm = await self.vm_on_node(self.vms, self.cfg.node_name, md["namespace"], snap["spec"]["vmName"])
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None  # a new VM of the same name: not the one this snapshot is of
         job_key = st.get("vmUid") or (vm["metadata"]["uid"] if vm else md["uid"])
@@ -228,14 +193,3 @@ class SnapshotJobs:
         if add:
             self.snapshots.put(updated)
         return updated
-
-    def _retry(self, key: Key, delay: float) -> None:
-        old = self._retries.pop(key, None)
-        if old:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        self._retries[key] = loop.call_later(delay, lambda: self._spawn(key))
-
-    def stop(self) -> None:
-        for handle in self._retries.values():
-            handle.cancel()
