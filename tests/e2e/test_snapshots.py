@@ -363,6 +363,7 @@ def test_agent_killed_during_create_revert_and_delete_converges(vms, snaps, clus
     _kill_agent_when(cluster, node, lambda: ((snaps.get("k1") or {}).get("status") or {}).get("phase") == "InProgress",
                      "create InProgress")
     st = snaps.wait("k1", lambda s: s and s["status"].get("phase") in ("Ready", "Failed"), "k1 settled", 240)["status"]
+    print("k1 settled:", st)  # shown with a failure below
     vm = vms.wait(vm_name, lambda v: condition(v, "Ready").get("status") == "True", "VM Ready after the kill", 120)
     assert status_disk(vm, "data")["path"] in ([d["activeFile"] for d in st.get("disks") or []] + [
         status_disk(vm, "data")["path"]])

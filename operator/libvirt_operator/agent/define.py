@@ -84,6 +84,7 @@ async def ensure(host: Host, guest: Guest | None, wanted: DomainConfig,
             return Defined(guest, wanted, stored, None)
         carry_over_addresses(wanted, stored)  # devices keep their PCI slots (and guest names)
     verb = "Redefined" if guest is not None else "Defined"
+    log.info("%s %s", wanted.name, verb.lower())
     # A VM's first definition is checked against libvirt's schema (renders of every field are, in
     # tests/world); redefining it with a new generation is on the path of every live change.
     guest = await host.define(wanted.to_xml(), validate=guest is None)

@@ -136,6 +136,7 @@ async def record(host: Host, guest: Guest, chains: Mapping[str, Chain],
             disk.driver_type = chain.active.format
         for store in stores:  # libvirt reads the chain from the files
             disk.element.remove(store)
+    log.info("%s: disk record %s", guest.name, {name: chain.paths for name, chain in chains.items()})
     own.disks = {**own.disks, **chains}
     if origins:
         own.disk_origins = {**own.disk_origins, **origins}

@@ -66,6 +66,11 @@ class _PauseClock:
         return int(self.total * 1000)
 
 
+def _name(ctx: JobContext) -> str:
+    md = ctx.snapshot.get("metadata") or {}
+    return f"snapshot {md.get('namespace')}/{md.get('name')}"
+
+
 def _spec(ctx: JobContext) -> dict:
     return ctx.snapshot.get("spec") or {}
 
@@ -224,6 +229,7 @@ async def _ready(ctx: JobContext, st: Status, t0: float | None, downtime_ms: int
     if duration is not None:
         fields["durationMs"] = duration
     await st.write(**fields)
+    log.info("%s: ready (%s ms)", _name(ctx), duration)
     with contextlib.suppress(Exception):
         await ctx.event("SnapshotReady", f"snapshot {(ctx.snapshot.get('metadata') or {}).get('name')} is ready",
                         False)
@@ -301,6 +307,8 @@ async def _resume(ctx: JobContext, st: Status) -> None:
         all_on, any_on = await _on_leaves(guest, planned)
         if not all_on and step == SNAPSHOT:
             all_on, any_on = await _in_flight(guest, planned, st.get("memoryFile"))
+        log.info("%s: re-entered at step %s: the domain runs on all its leaves %s, on some %s",
+                 _name(ctx), step, all_on, any_on)
         if all_on:
             mem = st.get("memoryFile")
             if mem:
