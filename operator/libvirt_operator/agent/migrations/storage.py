@@ -129,9 +129,12 @@ class _Move:
             if self.ctx.abort.is_set():
                 raise MigrationFailed("MigrationAborted", "the migration was cancelled before it started")
             await self._not_busy(plan)
-            await self.ctx.write_vm("Migrating", f"moving disk(s) {', '.join(d.name for d in plan.disks)}")
-            await self.write(step=sp.COPY_PARENTS, disks=plan.status_disks(),
-                             startTime=self.fields.get("startTime") or common.now())
+            # both facts before the first file is made, side by side: with the step alone a restart re-enters
+            # it (nothing runs in libvirt before Copying; the job holds the VM), with Migrating alone it starts over
+            await asyncio.gather(
+                self.ctx.write_vm("Migrating", f"moving disk(s) {', '.join(d.name for d in plan.disks)}"),
+                self.write(step=sp.COPY_PARENTS, disks=plan.status_disks(),
+                           startTime=self.fields.get("startTime") or common.now()))
             step = sp.COPY_PARENTS
         try:
             await self._move(plan, step)
