@@ -16,8 +16,9 @@ by this script on node-a. Rounds alternate raw and operator (one warm-up round o
   storage  raw:      the handbook's blockcopy, done directly: cp --sparse=always of the data disk's parent
                      into a new directory, qemu-img create -f qcow2 -F raw -b <copy> <new leaf>,
                      blockCopy(SHALLOW|REUSE_EXT|TRANSIENT_JOB), wait for the READY block-job event,
-                     blockJobAbort(PIVOT) returns. (The handbook's last steps, the persistent definition on the
-                     new paths and the old files removed, are timed apart: "tail".)
+                     blockJobAbort(PIVOT), then the handbook's last steps: the persistent definition on the
+                     new paths, the old files removed (the operator's Record and Cleanup do the same work
+                     before Succeeded; "pivoted" shows the time to the pivot alone)
            operator: create a VMMigration {type: Storage, disks: [{name: dataN, destinationPath: <new dir>}]}
                      -> the watch event with phase Succeeded (its own Record and Cleanup included)
            each round moves the next data disk (a disk is moved once: see bench/README.md, the disk record
@@ -184,8 +185,8 @@ class Raw:
         return spent, phases
 
     def storage(self, dest_dir: Path) -> tuple[float, dict]:
-        """The handbook's sequence, the next data disk's parent and leaf into `dest_dir`; (seconds to the pivot,
-        steps)."""
+        """The handbook's sequence, the next data disk's parent and leaf into `dest_dir`; (seconds to its end,
+        the old files removed; steps)."""
         dom = self.dom()
         disk = self.data.pop(0)
         target, leaf, parent = disk["target"], disk["leaf"], disk["parent"]
@@ -205,7 +206,7 @@ class Raw:
         t3 = ev.when(self.uuid, f"{target}:ready")
         dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
         t4 = time.perf_counter()
-        # the handbook's steps 5-6, apart: the persistent definition on the new files, the old files removed
+        # the handbook's steps 5-6: the persistent definition on the new files, the old files removed
         self.conns[self.node].defineXML(retarget_disks(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
                                                        {target: new_leaf}))
         os.unlink(leaf)
@@ -214,7 +215,7 @@ class Raw:
         active = next(d.path for d in readxml.disk_sources(dom.XMLDesc(0)) if d.target == target)
         if active != new_leaf:
             raise SystemExit(f"raw storage move: {target} runs on {active}, not {new_leaf}")
-        return t4 - t0, {"parent copied": round(t1 - t0, 3), "leaf created": round(t2 - t0, 3),
+        return t5 - t0, {"parent copied": round(t1 - t0, 3), "leaf created": round(t2 - t0, 3),
                          "READY": round(t3 - t0, 3), "pivoted": round(t4 - t0, 3), "disk": disk["name"],
                          "tail (define + rm)": round(t5 - t4, 3)}
 
