@@ -101,9 +101,15 @@ class MigrationJobs(WatchedObjects):
             return
         if st.get("sourceNode") != me:
             return
+        if ((md.get("deletionTimestamp") or phase not in TERMINAL_PHASES)
+                and not self.jobs.busy(st.get("vmUid") or "")):  # its VM matters: is it here?
+            await self.fetch_vm(self.vms, me, md["namespace"], mig["spec"]["vmName"])
+            mig = self.migrations.get(key)  # read again after the call: its job may have moved on meanwhile
+            if mig is None:
+                return
+            md, st = mig["metadata"], mig.get("status") or {}
+            phase, finalizers = st.get("phase"), md.get("finalizers") or []
         vm = self.vms.get((md["namespace"], mig["spec"]["vmName"]))
-        if vm is None and (md.get("deletionTimestamp") or phase not in TERMINAL_PHASES):
-            vm = await self.vm_on_node(self.vms, me, md["namespace"], mig["spec"]["vmName"])
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None
         uid = st.get("vmUid") or (vm["metadata"]["uid"] if vm else md["uid"])

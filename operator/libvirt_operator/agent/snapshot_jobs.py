@@ -57,9 +57,14 @@ class SnapshotJobs(WatchedObjects):
         if snap is None:
             return
         md, st = snap["metadata"], snap.get("status") or {}
+        if ((md.get("deletionTimestamp") or st.get("phase") not in ("Ready", "Failed"))
+                and not self.jobs.busy(st.get("vmUid") or "")):  # its VM matters: is it here?
+            await self.fetch_vm(self.vms, self.cfg.node_name, md["namespace"], snap["spec"]["vmName"])
+            snap = self.snapshots.get(key)  # read again after the call
+            if snap is None:
+                return
+            md, st = snap["metadata"], snap.get("status") or {}
         vm = self.vms.get((md["namespace"], snap["spec"]["vmName"]))
-        if vm is None and (md.get("deletionTimestamp") or st.get("phase") not in ("Ready", "Failed")):
-            vm = await self.vm_on_node(self.vms, self.cfg.node_name, md["namespace"], snap["spec"]["vmName"])
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None  # a new VM of the same name: not the one this snapshot is of
         job_key = st.get("vmUid") or (vm["metadata"]["uid"] if vm else md["uid"])

@@ -69,17 +69,15 @@ class WatchedObjects:
     async def _handle(self, key: Key) -> None:
         raise NotImplementedError
 
-    async def vm_on_node(self, vms: VMStore, node: str, namespace: str, name: str) -> dict | None:
-        """The VM an object names, when it is on this node: from the store, else from the API server (its
-        watch event may come after this object's; a VM missing from the store is not proof it is gone)."""
-        vm = vms.get((namespace, name))
-        if vm is not None:
-            return vm
+    async def fetch_vm(self, vms: VMStore, node: str, namespace: str, name: str) -> None:
+        """Puts the VM an object names into `vms` when it is missing there but on this node: its watch event
+        may come after this object's, so a VM missing from the store is no proof that it is gone. The
+        caller reads its objects again afterwards: other tasks ran during the call."""
+        if vms.get((namespace, name)) is not None:
+            return
         vm = await asyncio.to_thread(resources.get, resources.VMS, namespace, name)
-        if vm is None or ((vm.get("metadata") or {}).get("labels") or {}).get(meta.NODE_LABEL) != node:
-            return None
-        vms.put(vm)
-        return vm
+        if vm is not None and ((vm.get("metadata") or {}).get("labels") or {}).get(meta.NODE_LABEL) == node:
+            vms.put(vm)
 
     def _retry(self, key: Key, delay: float) -> None:
         old = self._retries.pop(key, None)
