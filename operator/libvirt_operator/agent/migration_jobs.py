@@ -43,8 +43,8 @@ class MigrationJobs(WatchedObjects):
     KIND = "VMMigration"
 
     def __init__(self, cfg: AgentConfig, host: Host, vms: VMStore, snapshots: VMStore, jobs: JobRunner):
-        super().__init__()
-        self.cfg, self.host, self.vms, self.snapshots, self.jobs = cfg, host, vms, snapshots, jobs
+        super().__init__(vms, cfg.node_name)
+        self.cfg, self.host, self.snapshots, self.jobs = cfg, host, snapshots, jobs
         self.migrations = self.objects
         self._aborts: dict[str, asyncio.Event] = {}  # VMMigration uid -> set when it is being deleted
         self._running: dict[str, str] = {}  # VM uid -> the VMMigration uid its job runs
@@ -89,7 +89,7 @@ class MigrationJobs(WatchedObjects):
     # -- VMMigration events (on_event, handle_all, handle_for_vm: WatchedObjects) ----------------------
 
     async def _handle(self, key: Key) -> None:
-        mig = self.migrations.get(key)
+        mig = await self.read(key, self._vm_matters)
         if mig is None:
             return
         md, st = mig["metadata"], mig.get("status") or {}
@@ -101,14 +101,6 @@ class MigrationJobs(WatchedObjects):
             return
         if st.get("sourceNode") != me:
             return
-        if ((md.get("deletionTimestamp") or phase not in TERMINAL_PHASES)
-                and not self.jobs.busy(st.get("vmUid") or "")):  # its VM matters: is it here?
-            await self.fetch_vm(self.vms, me, md["namespace"], mig["spec"]["vmName"])
-            mig = self.migrations.get(key)  # read again after the call: its job may have moved on meanwhile
-            if mig is None:
-                return
-            md, st = mig["metadata"], mig.get("status") or {}
-            phase, finalizers = st.get("phase"), md.get("finalizers") or []
         vm = self.vms.get((md["namespace"], mig["spec"]["vmName"]))
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None
@@ -144,6 +136,14 @@ class MigrationJobs(WatchedObjects):
         if FINALIZER not in finalizers:
             mig = await self._finalizer(mig, add=True)
         self._start(key, vm, uid)
+
+    def _vm_matters(self, mig: dict) -> bool:
+        """Whether a decision on the migration depends on its VM: this node is its source, it is not over
+        (or it is being deleted), and no job holds the VM."""
+        st = mig.get("status") or {}
+        return (st.get("sourceNode") == self.node
+                and bool(mig["metadata"].get("deletionTimestamp") or st.get("phase") not in TERMINAL_PHASES)
+                and not self.jobs.busy(st.get("vmUid") or ""))
 
     def _start(self, key: Key, vm: dict, uid: str) -> None:
         mig = self.migrations.get(key)

@@ -43,27 +43,19 @@ class SnapshotJobs(WatchedObjects):
     KIND = "VMSnapshot"
 
     def __init__(self, cfg: AgentConfig, host: Host, vms: VMStore, snapshots: VMStore, jobs: JobRunner):
-        super().__init__(snapshots)
+        super().__init__(vms, cfg.node_name, snapshots)
         self.cfg = cfg
         self.host = host
-        self.vms = vms
         self.snapshots = snapshots  # shared with the reconciler (who needs which file)
         self.jobs = jobs
 
     # -- snapshots -------------------------------------------------------------------------------
 
     async def _handle(self, key: Key) -> None:
-        snap = self.snapshots.get(key)
+        snap = await self.read(key, self._vm_matters)
         if snap is None:
             return
         md, st = snap["metadata"], snap.get("status") or {}
-        if ((md.get("deletionTimestamp") or st.get("phase") not in ("Ready", "Failed"))
-                and not self.jobs.busy(st.get("vmUid") or "")):  # its VM matters: is it here?
-            await self.fetch_vm(self.vms, self.cfg.node_name, md["namespace"], snap["spec"]["vmName"])
-            snap = self.snapshots.get(key)  # read again after the call
-            if snap is None:
-                return
-            md, st = snap["metadata"], snap.get("status") or {}
         vm = self.vms.get((md["namespace"], snap["spec"]["vmName"]))
         if vm is not None and st.get("vmUid") and vm["metadata"]["uid"] != st["vmUid"]:
             vm = None  # a new VM of the same name: not the one this snapshot is of
@@ -93,6 +85,12 @@ class SnapshotJobs(WatchedObjects):
                 return
         self._start(job_key, Running("SnapshotInProgress", f"snapshot {key[0]}/{key[1]}"),
                     functools.partial(self._create, key, vm))
+
+    def _vm_matters(self, snap: dict) -> bool:
+        """Whether a decision on the snapshot depends on its VM (it is taken, or deleted, and no job holds it)."""
+        st = snap.get("status") or {}
+        return ((snap["metadata"].get("deletionTimestamp") or st.get("phase") not in ("Ready", "Failed"))
+                and not self.jobs.busy(st.get("vmUid") or ""))
 
     async def _create(self, key: Key, vm: dict) -> None:
         snap = self.snapshots.get(key)

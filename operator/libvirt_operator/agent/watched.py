@@ -1,13 +1,14 @@
 """The watch side shared by the agent's VMSnapshot and VMMigration handling: a store of this node's
 objects, one task per event (outside the VM work queue), and retries after API errors and bugs.
 
-A subclass sets KIND (for logs) and implements `_handle(key)`, which reads the object from the store
-and acts; a 404 ends the handling (the object is gone), a 409 is tried again soon, another error later."""
+A subclass sets KIND (for logs) and implements `_handle(key)`, which reads the object (`read`) and
+acts; a 404 ends the handling (the object is gone), a 409 is tried again soon, another error later."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from kubernetes.client.exceptions import ApiException
 
@@ -24,7 +25,8 @@ BUG_RETRY_SECONDS = 10.0
 class WatchedObjects:
     KIND = "object"
 
-    def __init__(self, store: VMStore | None = None):
+    def __init__(self, vms: VMStore, node: str, store: VMStore | None = None):
+        self.vms, self.node = vms, node  # this node's VMs (the agent's store)
         self.objects = store if store is not None else VMStore()
         self._tasks: set[asyncio.Task] = set()
         self._retries: dict[Key, asyncio.TimerHandle] = {}
@@ -69,15 +71,21 @@ class WatchedObjects:
     async def _handle(self, key: Key) -> None:
         raise NotImplementedError
 
-    async def fetch_vm(self, vms: VMStore, node: str, namespace: str, name: str) -> None:
-        """Puts the VM an object names into `vms` when it is missing there but on this node: its watch event
-        may come after this object's, so a VM missing from the store is no proof that it is gone. The
-        caller reads its objects again afterwards: other tasks ran during the call."""
-        if vms.get((namespace, name)) is not None:
-            return
+    async def read(self, key: Key, vm_matters: Callable[[dict], bool]) -> dict | None:
+        """The object from the store. When `vm_matters(obj)` and the VM it names is missing from the VM
+        store, the API server is asked for that VM first (kept when it is on this node: its watch event may
+        come after this object's, so a VM missing from the store is no proof that it is gone), and the
+        object is read again, as other tasks ran during the call."""
+        obj = self.objects.get(key)
+        if obj is None or not vm_matters(obj):
+            return obj
+        namespace, name = obj["metadata"]["namespace"], obj["spec"]["vmName"]
+        if self.vms.get((namespace, name)) is not None:
+            return obj
         vm = await asyncio.to_thread(resources.get, resources.VMS, namespace, name)
-        if vm is not None and ((vm.get("metadata") or {}).get("labels") or {}).get(meta.NODE_LABEL) == node:
-            vms.put(vm)
+        if vm is not None and ((vm.get("metadata") or {}).get("labels") or {}).get(meta.NODE_LABEL) == self.node:
+            self.vms.put(vm)
+        return self.objects.get(key)
 
     def _retry(self, key: Key, delay: float) -> None:
         old = self._retries.pop(key, None)
